@@ -1,0 +1,33 @@
+"""vua_s3: a KV-cache store for LLM inference on S3-compatible object storage and POSIX.
+
+Store attention K/V by token prefix once; any inference server that later sees the
+same prefix loads it instead of recomputing it.
+"""
+
+from .config import VUAConfig
+from .errors import (
+    AccessDeniedError,
+    InvalidLocationError,
+    ObjectNotFoundError,
+    SplitFactorError,
+    StoreError,
+    VUAError,
+)
+from .store import ObjectInfo, Store, open_store
+from .vua import VUA, AsyncVUA, ClosestKV
+
+__all__ = [
+    "VUA",
+    "AccessDeniedError",
+    "AsyncVUA",
+    "ClosestKV",
+    "InvalidLocationError",
+    "ObjectInfo",
+    "ObjectNotFoundError",
+    "SplitFactorError",
+    "Store",
+    "StoreError",
+    "VUAConfig",
+    "VUAError",
+    "open_store",
+]

@@ -1,0 +1,93 @@
+"""Cache configuration: how tokens are grouped and which model a cache belongs to."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Generic, TypeVar
+
+from .errors import SplitFactorError
+
+if TYPE_CHECKING:
+    import torch
+
+_NAMESPACE_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._=+-]{0,127}$")
+
+_R = TypeVar("_R")
+
+
+class _config_method(Generic[_R]):
+    """A method callable on an instance or on the class itself.
+
+    The original VUA API calls ``VUAConfig.trim_to_split_factor(tokens)`` on the class;
+    here the class stands for its default instance, so both spellings work.
+    """
+
+    def __init__(self, func: Callable[..., _R]) -> None:
+        self._func = func
+        self.__doc__ = func.__doc__
+
+    def __get__(self, obj: VUAConfig | None, owner: type[VUAConfig]) -> Callable[..., _R]:
+        target = obj if obj is not None else owner()
+        return self._func.__get__(target, owner)  # type: ignore[no-any-return]
+
+
+@dataclass(frozen=True)
+class VUAConfig:
+    """Settings a cache is valid for.
+
+    ``split_factor`` is the number of tokens per stored group (the default 256 is a
+    multiple of every vLLM block size). ``namespace`` names the model identity (model,
+    revision, dtype, KV layout, tensor-parallel rank): fragments written under one
+    namespace are never returned under another, so models can share a bucket.
+    """
+
+    split_factor: int = 256
+    namespace: str = "default"
+
+    def __post_init__(self) -> None:
+        if isinstance(self.split_factor, bool) or not isinstance(self.split_factor, int):
+            raise TypeError(f"split_factor must be an int, got {self.split_factor!r}")
+        if self.split_factor <= 0:
+            raise ValueError(f"split_factor must be positive, got {self.split_factor}")
+        if not isinstance(self.namespace, str) or not _NAMESPACE_RE.match(self.namespace):
+            raise ValueError(
+                f"namespace {self.namespace!r} is not valid: use 1-128 characters of "
+                "letters, digits and . _ = + -, starting with a letter or digit"
+            )
+
+    @classmethod
+    def coerce(cls, config: VUAConfig | type[VUAConfig]) -> VUAConfig:
+        """Accept the class itself (the seed API passes ``VUAConfig``) or an instance."""
+        if isinstance(config, VUAConfig):
+            return config
+        if isinstance(config, type) and issubclass(config, VUAConfig):
+            return config()
+        raise TypeError(f"expected VUAConfig or an instance of it, got {config!r}")
+
+    @_config_method
+    def trim_to_split_factor(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Drop trailing tokens so the length is a multiple of ``split_factor``.
+
+        ``[n]`` and ``[1, n]`` inputs both give a 1-D result, as in the original VUA.
+        """
+        tokens = tokens.squeeze(0) if tokens.dim() == 2 and tokens.size(0) == 1 else tokens
+        if tokens.dim() != 1:
+            raise ValueError(f"expected tokens of shape [n] or [1, n], got {list(tokens.shape)}")
+        return tokens[: len(tokens) - len(tokens) % self.split_factor]
+
+    @_config_method
+    def tokens_to_paths(self, tokens: torch.Tensor, salt: str | None = None) -> list[str]:
+        """The storage key (relative to the store root) of each group of ``tokens``."""
+        from .keys import group_keys, token_ids
+
+        return group_keys(self, token_ids(tokens, self.split_factor), salt)
+
+    # The original VUA spelled it in the singular.
+    tokens_to_path = tokens_to_paths
+
+    def check_split(self, num_tokens: int) -> None:
+        """Raise :class:`SplitFactorError` unless ``num_tokens`` fills whole groups."""
+        if num_tokens % self.split_factor:
+            raise SplitFactorError(num_tokens, self.split_factor)

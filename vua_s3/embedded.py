@@ -1,0 +1,71 @@
+"""An S3 server on 127.0.0.1 for demos and tests: moto in server mode, over real HTTP."""
+
+from __future__ import annotations
+
+import socket
+from types import TracebackType
+from typing import TYPE_CHECKING, Any
+
+import boto3
+
+if TYPE_CHECKING:
+    from .s3 import S3Store
+
+#: Credentials the embedded server accepts; it checks nothing, so they guard nothing.
+EMBEDDED_CREDENTIALS = {"aws_access_key_id": "embedded", "aws_secret_access_key": "embedded"}
+EMBEDDED_REGION = "us-east-1"
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+class EmbeddedS3:
+    """A moto S3 server on a free loopback port, with one bucket created.
+
+    ``with EmbeddedS3() as s3: VUA(cfg, s3.url("prefix"), ...)`` — the store must be
+    given this server's credentials (see :meth:`session`) or find them in the env.
+    """
+
+    def __init__(self, bucket: str = "vua-cache") -> None:
+        from moto.server import ThreadedMotoServer
+
+        self.bucket = bucket
+        self.port = free_port()
+        self.endpoint_url = f"http://127.0.0.1:{self.port}"
+        self._server = ThreadedMotoServer(ip_address="127.0.0.1", port=self.port, verbose=False)
+
+    def start(self) -> EmbeddedS3:
+        self._server.start()
+        self.client().create_bucket(Bucket=self.bucket)
+        return self
+
+    def stop(self) -> None:
+        self._server.stop()
+
+    def url(self, prefix: str = "") -> str:
+        """The vua_s3 location of ``prefix`` in this server's bucket."""
+        return f"s3://{self.bucket}/{prefix}?endpoint_url={self.endpoint_url}&region={EMBEDDED_REGION}&addressing=path"
+
+    def store(self, prefix: str = "") -> S3Store:
+        """An :class:`S3Store` on ``prefix`` that uses this server's credentials."""
+        import aioboto3
+
+        from .s3 import S3Store
+
+        return S3Store.from_url(self.url(prefix), session=aioboto3.Session(**EMBEDDED_CREDENTIALS))
+
+    def client(self) -> Any:
+        """A plain boto3 client for this server (setup, inspection)."""
+        return boto3.client("s3", endpoint_url=self.endpoint_url, region_name=EMBEDDED_REGION, **EMBEDDED_CREDENTIALS)
+
+    def __enter__(self) -> EmbeddedS3:
+        return self.start()
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.stop()

@@ -1,0 +1,147 @@
+"""One stored group: a safetensors file holding a group's tokens and K/V for all layers.
+
+Layout (readable by ``safetensors.torch.load``)::
+
+    tokens  int64 [S]                     the group's token ids
+    kv      <dtype> [layers, 2, heads, S, head_dim]   K (index 0) and V (index 1)
+    __metadata__: format, version, namespace, split_factor, group, digest, parent, crc32
+
+Encoding writes straight from the caller's tensors into one preallocated buffer
+(the request body); decoding returns views into the received buffer. ``crc32``
+covers the data section, so flipped bytes are caught even where the transport
+checks nothing.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+import zlib
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from .errors import VUAError
+
+FORMAT = "vua_s3/fragment"
+VERSION = "1"
+
+_DTYPE_NAMES: dict[torch.dtype, str] = {
+    torch.float64: "F64",
+    torch.float32: "F32",
+    torch.float16: "F16",
+    torch.bfloat16: "BF16",
+    torch.float8_e4m3fn: "F8_E4M3",
+    torch.float8_e5m2: "F8_E5M2",
+    torch.int64: "I64",
+    torch.int32: "I32",
+    torch.int16: "I16",
+    torch.int8: "I8",
+    torch.uint8: "U8",
+}
+_DTYPES = {name: dtype for dtype, name in _DTYPE_NAMES.items()}
+_CRC_FIELD = b'"crc32":"%s"'  # patched in place once the data is written
+_CRC_PENDING = b"00000000"
+_HEADER_ALIGN = 8
+
+KVCache = Sequence[tuple[torch.Tensor, torch.Tensor]]
+
+
+class FragmentError(VUAError):
+    """A stored object is not a usable fragment for the query (corrupt, truncated, foreign)."""
+
+
+@dataclass(frozen=True)
+class Fragment:
+    """A decoded fragment: views into the buffer it was read from."""
+
+    tokens: torch.Tensor
+    kv: torch.Tensor
+    metadata: dict[str, str]
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    """The safetensors name of a torch dtype, or a clear error for unsupported ones."""
+    try:
+        return _DTYPE_NAMES[dtype]
+    except KeyError:
+        raise TypeError(f"KV dtype {dtype} cannot be stored; use one of {sorted(map(str, _DTYPE_NAMES))}") from None
+
+
+def encode(
+    kvcache: KVCache,
+    row: int,
+    start: int,
+    tokens: torch.Tensor,
+    metadata: dict[str, str],
+) -> bytearray:
+    """Serialize tokens ``[start, start+len(tokens))`` of batch row ``row`` into one buffer."""
+    num_tokens = tokens.numel()
+    first_key = kvcache[0][0]
+    heads, head_dim, dtype = first_key.size(1), first_key.size(3), first_key.dtype
+    kv_shape = [len(kvcache), 2, heads, num_tokens, head_dim]
+    tokens_bytes = num_tokens * 8
+    kv_bytes = kv_shape[0] * 2 * heads * num_tokens * head_dim * first_key.element_size()
+    header = {
+        "tokens": {"dtype": "I64", "shape": [num_tokens], "data_offsets": [0, tokens_bytes]},
+        "kv": {"dtype": dtype_name(dtype), "shape": kv_shape, "data_offsets": [tokens_bytes, tokens_bytes + kv_bytes]},
+        "__metadata__": {**metadata, "format": FORMAT, "version": VERSION, "crc32": _CRC_PENDING.decode()},
+    }
+    header_bytes = json.dumps(header, separators=(",", ":")).encode()
+    header_bytes += b" " * (-len(header_bytes) % _HEADER_ALIGN)
+    data_start = 8 + len(header_bytes)
+    buf = bytearray(data_start + tokens_bytes + kv_bytes)
+    struct.pack_into("<Q", buf, 0, len(header_bytes))
+    torch.frombuffer(buf, dtype=torch.int64, offset=data_start, count=num_tokens).copy_(tokens)
+    kv = torch.frombuffer(
+        buf, dtype=dtype, offset=data_start + tokens_bytes, count=kv_bytes // first_key.element_size()
+    )
+    kv = kv.view(kv_shape)
+    end = start + num_tokens
+    for layer, (keys, values) in enumerate(kvcache):
+        kv[layer, 0].copy_(keys[row, :, start:end, :])
+        kv[layer, 1].copy_(values[row, :, start:end, :])
+    crc = b"%08x" % zlib.crc32(memoryview(buf)[data_start:])
+    buf[8:data_start] = header_bytes.replace(_CRC_FIELD % _CRC_PENDING, _CRC_FIELD % crc, 1)
+    return buf
+
+
+def decode(buf: bytearray) -> Fragment:
+    """Parse and integrity-check a fragment; raise :class:`FragmentError` if it is unusable."""
+    view = memoryview(buf)
+    if len(view) < 8:
+        raise FragmentError(f"object is {len(view)} bytes, too short for a safetensors header")
+    (header_len,) = struct.unpack_from("<Q", view, 0)
+    data_start = 8 + header_len
+    if data_start > len(view):
+        raise FragmentError(f"header claims {header_len} bytes but the object has {len(view)}")
+    try:
+        header = json.loads(bytes(view[8:data_start]))
+        metadata: dict[str, str] = header.pop("__metadata__")
+        entries = {name: header[name] for name in ("tokens", "kv")}
+    except (ValueError, KeyError, TypeError) as exc:
+        raise FragmentError(f"unreadable fragment header ({exc!r})") from None
+    if metadata.get("format") != FORMAT or metadata.get("version") != VERSION:
+        raise FragmentError(
+            f"not a version {VERSION} fragment (format={metadata.get('format')!r}, version={metadata.get('version')!r})"
+        )
+    data_len = len(view) - data_start
+    if entries["kv"]["data_offsets"][1] != data_len:
+        raise FragmentError(f"data section is {data_len} bytes, header expects {entries['kv']['data_offsets'][1]}")
+    crc = f"{zlib.crc32(view[data_start:]):08x}"
+    if metadata.get("crc32") != crc:
+        raise FragmentError(f"checksum mismatch: stored {metadata.get('crc32')!r}, computed {crc!r}")
+    tensors = {}
+    for name, entry in entries.items():
+        dtype = _DTYPES.get(entry["dtype"])
+        if dtype is None:
+            raise FragmentError(f"tensor {name!r} has unsupported dtype {entry['dtype']!r}")
+        begin, end = entry["data_offsets"]
+        itemsize = torch.empty((), dtype=dtype).element_size()
+        tensor = torch.frombuffer(buf, dtype=dtype, offset=data_start + begin, count=(end - begin) // itemsize)
+        try:
+            tensors[name] = tensor.view(entry["shape"])
+        except RuntimeError as exc:
+            raise FragmentError(f"tensor {name!r} does not fit its shape {entry['shape']}: {exc}") from None
+    return Fragment(tokens=tensors["tokens"], kv=tensors["kv"], metadata=metadata)

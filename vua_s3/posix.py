@@ -1,0 +1,137 @@
+"""POSIX backend: keys are relative paths under a root directory (local disk, NFS, VAST NFS)."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import tempfile
+from collections.abc import AsyncIterator, Sequence
+from pathlib import Path
+from urllib.parse import unquote, urlsplit
+
+from .errors import AccessDeniedError, InvalidLocationError, ObjectNotFoundError, StoreError
+from .store import Buffer, ObjectInfo, Store
+
+FILE_MODE = 0o640
+DIR_MODE = 0o750
+
+
+class PosixStore(Store):
+    """Fragments as files under ``root``, written atomically (temp file, fsync, rename).
+
+    Blocking file calls run in worker threads so the event loop keeps probing and
+    transferring while the kernel copies data.
+    """
+
+    def __init__(self, root: str | os.PathLike[str], *, create: bool = True) -> None:
+        self.root = Path(root).expanduser().absolute()
+        self.url = self.root.as_uri()
+        if create:
+            self.root.mkdir(mode=DIR_MODE, parents=True, exist_ok=True)
+        elif not self.root.is_dir():
+            raise InvalidLocationError(f"store directory {self.root} does not exist")
+
+    @classmethod
+    def from_url(cls, url: str) -> PosixStore:
+        """A store for ``file:///absolute/path`` (no host, no query)."""
+        parts = urlsplit(url)
+        if parts.netloc not in ("", "localhost") or parts.query:
+            raise InvalidLocationError(f"file URLs take an absolute path and no host or settings: {url!r}")
+        if not parts.path:
+            raise InvalidLocationError(f"file URL {url!r} has no path")
+        return cls(unquote(parts.path))
+
+    def _path(self, key: str) -> Path:
+        """The file for ``key``; refuses keys that would leave the root."""
+        if not key or key.startswith("/") or "\\" in key or "\0" in key:
+            raise ValueError(f"invalid key {key!r}: keys are relative, '/'-separated paths")
+        if any(part in ("", ".", "..") for part in key.split("/")):
+            raise ValueError(f"invalid key {key!r}: empty, '.' and '..' path segments are not allowed")
+        return self.root / key
+
+    async def get(self, key: str, size: int | None = None) -> bytearray:
+        return await asyncio.to_thread(self._read, self._path(key))
+
+    def _read(self, path: Path) -> bytearray:
+        try:
+            with open(path, "rb", buffering=0) as file:
+                size = os.fstat(file.fileno()).st_size
+                buf = bytearray(size)
+                view = memoryview(buf)
+                filled = 0
+                while filled < size:
+                    n = file.readinto(view[filled:])
+                    if not n:
+                        break
+                    filled += n
+                return buf if filled == size else buf[:filled]
+        except FileNotFoundError:
+            raise ObjectNotFoundError(f"{path} does not exist") from None
+        except PermissionError as exc:
+            raise AccessDeniedError(f"reading {path}: {exc.strerror}") from None
+        except OSError as exc:
+            raise StoreError(f"reading {path}: {exc}") from exc
+
+    async def put(self, key: str, data: Buffer) -> None:
+        await asyncio.to_thread(self._write, self._path(key), data)
+
+    def _write(self, path: Path, data: Buffer) -> None:
+        try:
+            path.parent.mkdir(mode=DIR_MODE, parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=path.parent)
+            try:
+                os.fchmod(fd, FILE_MODE)
+                with open(fd, "wb", buffering=0) as file:
+                    view = memoryview(data)
+                    while view:
+                        view = view[file.write(view) :]
+                    os.fsync(file.fileno())
+                os.replace(tmp, path)
+            except BaseException:
+                os.unlink(tmp)
+                raise
+        except PermissionError as exc:
+            raise AccessDeniedError(f"writing {path}: {exc.strerror}") from None
+        except OSError as exc:
+            raise StoreError(f"writing {path}: {exc}") from exc
+
+    async def head_many(self, keys: Sequence[str]) -> list[ObjectInfo | None]:
+        paths = [self._path(key) for key in keys]
+        return await asyncio.to_thread(lambda: [self._stat(key, path) for key, path in zip(keys, paths)])
+
+    def _stat(self, key: str, path: Path) -> ObjectInfo | None:
+        try:
+            st = path.stat()
+        except FileNotFoundError:
+            return None
+        except PermissionError as exc:
+            raise AccessDeniedError(f"checking {path}: {exc.strerror}") from None
+        return ObjectInfo(key=key, size=st.st_size, last_modified=st.st_mtime)
+
+    async def delete(self, key: str) -> None:
+        path = self._path(key)
+        try:
+            await asyncio.to_thread(path.unlink, missing_ok=True)
+        except PermissionError as exc:
+            raise AccessDeniedError(f"deleting {path}: {exc.strerror}") from None
+
+    async def list(self, prefix: str = "") -> AsyncIterator[ObjectInfo]:
+        infos = await asyncio.to_thread(self._walk, prefix)
+        for info in infos:
+            yield info
+
+    def _walk(self, prefix: str) -> list[ObjectInfo]:
+        found = []
+        for dirpath, _dirs, files in os.walk(self.root):
+            for name in files:
+                if name.startswith(".tmp-"):
+                    continue
+                path = os.path.join(dirpath, name)
+                key = os.path.relpath(path, self.root).replace(os.sep, "/")
+                if key.startswith(prefix):
+                    try:
+                        st = os.stat(path)
+                    except FileNotFoundError:
+                        continue
+                    found.append(ObjectInfo(key=key, size=st.st_size, last_modified=st.st_mtime))
+        return found

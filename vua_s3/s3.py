@@ -1,0 +1,434 @@
+"""S3 backend (AWS S3, VAST, MinIO, Ceph RGW, SeaweedFS) over aioboto3.
+
+Settings come from the URL's query string and the standard AWS chain, never
+credentials in the URL::
+
+    s3://bucket/prefix?endpoint_url=https://vast.example:443&addressing=path&checksum=when_required
+
+One long-lived client per event loop, its connection pool sized to
+``concurrency``, and one semaphore bounding every request it makes. Large
+objects go up as concurrent multipart parts (aborted on any failure, so no
+partial object or orphaned upload remains) and come down as concurrent ranged
+GETs into one preallocated buffer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import io
+import logging
+import re
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from dataclasses import dataclass, fields, replace
+from typing import Any, TypeVar
+from urllib.parse import parse_qsl, urlsplit
+
+import aioboto3
+from botocore.config import Config
+from botocore.exceptions import BotoCoreError, ClientError
+
+from .errors import AccessDeniedError, InvalidLocationError, ObjectNotFoundError, StoreError
+from .loop import gather_or_cancel
+from .store import Buffer, ObjectInfo, Store, redact_url
+
+log = logging.getLogger(__name__)
+
+_T = TypeVar("_T")
+_SIZE_RE = re.compile(r"^\s*(\d+)\s*(|b|k|kb|kib|m|mb|mib|g|gb|gib)\s*$", re.IGNORECASE)
+_SIZE_UNITS = {"": 1, "b": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30}
+_SECRET_SETTINGS = {"aws_access_key_id", "aws_secret_access_key", "aws_session_token", "access_key", "secret_key"}
+_NOT_FOUND = {"404", "NoSuchKey", "NotFound"}
+_DENIED = {"403", "AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "AllAccessDisabled"}
+MIN_PART_SIZE = 5 << 20  # S3's smallest allowed multipart part (all but the last)
+
+
+def parse_size(text: str) -> int:
+    """``"16MiB"``, ``"8m"``, ``"1048576"`` -> bytes (binary units)."""
+    match = _SIZE_RE.match(text)
+    if not match:
+        raise ValueError(f"{text!r} is not a size (use e.g. 16MiB, 8m or a byte count)")
+    return int(match.group(1)) * _SIZE_UNITS[match.group(2)[:1].lower()]
+
+
+def _parse_bool(text: str) -> bool:
+    if text.lower() in ("1", "true", "yes", "on"):
+        return True
+    if text.lower() in ("0", "false", "no", "off"):
+        return False
+    raise ValueError(f"{text!r} is not a boolean (use true or false)")
+
+
+def _parse_choice(*choices: str) -> Callable[[str], str]:
+    def parse(text: str) -> str:
+        if text not in choices:
+            raise ValueError(f"{text!r} is not one of {', '.join(choices)}")
+        return text
+
+    return parse
+
+
+def _parse_positive(text: str) -> int:
+    value = int(text)
+    if value <= 0:
+        raise ValueError(f"{value} must be positive")
+    return value
+
+
+def _parse_seconds(text: str) -> float:
+    value = float(text)
+    if value <= 0:
+        raise ValueError(f"{value} must be a positive number of seconds")
+    return value
+
+
+@dataclass(frozen=True)
+class S3Settings:
+    """Tunable S3 settings; each can be given in the URL query string by its name."""
+
+    endpoint_url: str | None = None
+    """Endpoint of a non-AWS system (VAST VIP pool, MinIO); AWS_ENDPOINT_URL also works."""
+    region: str | None = None
+    profile: str | None = None
+    """Named AWS profile for credentials (a name, never the secret itself)."""
+    addressing: str = "auto"
+    """``path`` for VAST and most on-premises systems, ``virtual`` or ``auto`` for AWS."""
+    checksum: str = "when_required"
+    """``when_required`` sends and checks CRC checksums only where S3 demands them (works
+    with every S3 system); ``when_supported`` is boto3's default since 1.36. Integrity of
+    fragments is checked by vua_s3's own CRC either way."""
+    verify: bool = True
+    """Verify TLS certificates."""
+    ca_bundle: str | None = None
+    concurrency: int = 32
+    """Requests in flight at once across the whole store (also the pool size)."""
+    part_size: int = 16 << 20
+    """Multipart part size and ranged-GET chunk size."""
+    multipart_threshold: int = 32 << 20
+    """Objects larger than this are uploaded in parts and read in ranges."""
+    max_attempts: int = 5
+    retry_mode: str = "standard"
+    connect_timeout: float = 10.0
+    read_timeout: float = 60.0
+
+    @classmethod
+    def from_query(cls, query: str) -> S3Settings:
+        """Settings from a URL query string; unknown or malformed settings are errors."""
+        settings = cls()
+        for name, value in parse_qsl(query, keep_blank_values=True):
+            if name.lower() in _SECRET_SETTINGS:
+                raise InvalidLocationError(
+                    f"credentials ({name}) are not accepted in the URL: use AWS_ACCESS_KEY_ID/"
+                    "AWS_SECRET_ACCESS_KEY, a profile or an instance role"
+                )
+            parser = _SETTING_PARSERS.get(name)
+            if parser is None:
+                raise InvalidLocationError(
+                    f"unknown S3 setting {name!r}; known settings: {', '.join(sorted(_SETTING_PARSERS))}"
+                )
+            try:
+                settings = replace(settings, **{name: parser(value)})
+            except ValueError as exc:
+                raise InvalidLocationError(f"bad value for S3 setting {name!r}: {exc}") from None
+        if settings.part_size < MIN_PART_SIZE:
+            raise InvalidLocationError(f"part_size must be at least {MIN_PART_SIZE} bytes (an S3 limit)")
+        return settings
+
+    def botocore_config(self) -> Config:
+        return Config(
+            region_name=self.region,
+            max_pool_connections=self.concurrency,
+            connect_timeout=self.connect_timeout,
+            read_timeout=self.read_timeout,
+            retries={"max_attempts": self.max_attempts, "mode": self.retry_mode},
+            s3={"addressing_style": self.addressing},
+            request_checksum_calculation=self.checksum,
+            response_checksum_validation=self.checksum,
+        )
+
+
+_SETTING_PARSERS: dict[str, Callable[[str], Any]] = {
+    "endpoint_url": str,
+    "region": str,
+    "profile": str,
+    "addressing": _parse_choice("auto", "path", "virtual"),
+    "checksum": _parse_choice("when_required", "when_supported"),
+    "verify": _parse_bool,
+    "ca_bundle": str,
+    "concurrency": _parse_positive,
+    "part_size": parse_size,
+    "multipart_threshold": parse_size,
+    "max_attempts": _parse_positive,
+    "retry_mode": _parse_choice("standard", "adaptive", "legacy"),
+    "connect_timeout": _parse_seconds,
+    "read_timeout": _parse_seconds,
+}
+assert set(_SETTING_PARSERS) == {f.name for f in fields(S3Settings)}
+
+
+class _BufferReader(io.RawIOBase):
+    """A seekable read-only file over a memoryview: lets botocore send a slice (a
+    multipart part) without copying it first, and rewind it on a retry."""
+
+    def __init__(self, view: memoryview) -> None:
+        super().__init__()
+        self._view = view
+        self._pos = 0
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        chunk = self._view[self._pos : self._pos + len(buffer)]
+        buffer[: len(chunk)] = chunk
+        self._pos += len(chunk)
+        return len(chunk)
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        base = {io.SEEK_SET: 0, io.SEEK_CUR: self._pos, io.SEEK_END: len(self._view)}[whence]
+        self._pos = max(0, base + offset)
+        return self._pos
+
+    def tell(self) -> int:
+        return self._pos
+
+
+class _LoopClient:
+    """The client, its context and the request limit that belong to one event loop."""
+
+    def __init__(self, context: Any, client: Any, limit: asyncio.Semaphore) -> None:
+        self.context = context
+        self.client = client
+        self.limit = limit
+
+
+class S3Store(Store):
+    """Objects under ``s3://bucket/prefix``."""
+
+    def __init__(
+        self,
+        bucket: str,
+        prefix: str = "",
+        settings: S3Settings | None = None,
+        *,
+        session: aioboto3.Session | None = None,
+    ) -> None:
+        if not bucket:
+            raise InvalidLocationError("an S3 location needs a bucket: s3://bucket/prefix")
+        self.bucket = bucket
+        self.prefix = prefix.strip("/")
+        self.settings = settings or S3Settings()
+        self.url = f"s3://{bucket}/{self.prefix}" if self.prefix else f"s3://{bucket}"
+        self._session = session or aioboto3.Session(profile_name=self.settings.profile)
+        self._clients: dict[asyncio.AbstractEventLoop, _LoopClient] = {}
+        self._client_lock: dict[asyncio.AbstractEventLoop, asyncio.Lock] = {}
+
+    @classmethod
+    def from_url(cls, url: str, *, session: aioboto3.Session | None = None) -> S3Store:
+        """A store for ``s3://bucket/prefix?setting=value&...``."""
+        parts = urlsplit(url)
+        if parts.username is not None or parts.password is not None or "@" in parts.netloc:
+            raise InvalidLocationError(
+                f"credentials are not accepted in the URL ({redact_url(url)}): use AWS_ACCESS_KEY_ID/"
+                "AWS_SECRET_ACCESS_KEY, a profile or an instance role"
+            )
+        if not parts.netloc:
+            raise InvalidLocationError(f"S3 URL {redact_url(url)!r} has no bucket: use s3://bucket/prefix")
+        return cls(parts.netloc, parts.path, S3Settings.from_query(parts.query), session=session)
+
+    def _object_key(self, key: str) -> str:
+        return f"{self.prefix}/{key}" if self.prefix else key
+
+    async def _client(self) -> _LoopClient:
+        """This loop's client, created (and the bucket checked) on first use."""
+        loop = asyncio.get_running_loop()
+        found = self._clients.get(loop)
+        if found is not None:
+            return found
+        lock = self._client_lock.setdefault(loop, asyncio.Lock())
+        async with lock:
+            found = self._clients.get(loop)
+            if found is not None:
+                return found
+            s = self.settings
+            context = self._session.client(
+                "s3",
+                endpoint_url=s.endpoint_url,
+                region_name=s.region,
+                verify=s.ca_bundle if s.ca_bundle and s.verify else s.verify,
+                config=s.botocore_config(),
+            )
+            client = await context.__aenter__()
+            try:
+                await client.head_bucket(Bucket=self.bucket)
+            except BaseException as exc:
+                await context.__aexit__(None, None, None)
+                if isinstance(exc, (ClientError, BotoCoreError)):
+                    raise self._error(exc, "head_bucket", "") from None
+                raise
+            found = _LoopClient(context, client, asyncio.Semaphore(s.concurrency))
+            self._clients[loop] = found
+            return found
+
+    def _error(self, exc: BaseException, operation: str, key: str) -> StoreError:
+        """A vua_s3 error naming the bucket, key and operation (never credentials)."""
+        where = f"s3://{self.bucket}/{self._object_key(key)}" if key else f"bucket {self.bucket!r}"
+        if isinstance(exc, ClientError):
+            code = str(exc.response.get("Error", {}).get("Code", ""))
+            status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+            if code in _NOT_FOUND:
+                if not key:
+                    return StoreError(f"bucket {self.bucket!r} does not exist at {self._endpoint()}")
+                return ObjectNotFoundError(f"{where} does not exist")
+            if code in _DENIED or status == 403:
+                return AccessDeniedError(
+                    f"{operation} on {where} was refused ({code or status}): check the credentials "
+                    "and that the policy allows this operation on the bucket and prefix"
+                )
+            if code == "NoSuchBucket":
+                return StoreError(f"bucket {self.bucket!r} does not exist at {self._endpoint()}")
+            return StoreError(f"{operation} on {where} failed: {code or status}")
+        return StoreError(f"{operation} on {where} failed: {type(exc).__name__}: {exc}")
+
+    def _endpoint(self) -> str:
+        return self.settings.endpoint_url or "the default AWS endpoint"
+
+    async def _call(self, operation: str, key: str, request: Callable[[Any], Awaitable[_T]]) -> _T:
+        """Run one request under the store's concurrency limit, mapping its errors."""
+        lc = await self._client()
+        async with lc.limit:
+            try:
+                return await request(lc.client)
+            except (ClientError, BotoCoreError) as exc:
+                raise self._error(exc, operation, key) from None
+
+    async def get(self, key: str, size: int | None = None) -> bytearray:
+        name = self._object_key(key)
+        if size is None or size <= self.settings.multipart_threshold:
+            return await self._call("get_object", key, lambda c: self._read(c, name))
+        buf = bytearray(size)
+        step = self.settings.part_size
+        await gather_or_cancel(
+            *(
+                self._call(
+                    "get_object", key, lambda c, start=start: self._read(c, name, buf, start, min(start + step, size))
+                )
+                for start in range(0, size, step)
+            )
+        )
+        return buf
+
+    async def _read(
+        self, client: Any, name: str, buf: bytearray | None = None, start: int = 0, end: int | None = None
+    ) -> bytearray:
+        """GET ``name`` whole into a new buffer, or bytes ``[start, end)`` of it into ``buf``."""
+        kwargs: dict[str, Any] = {"Bucket": self.bucket, "Key": name}
+        if end is not None:
+            kwargs["Range"] = f"bytes={start}-{end - 1}"
+        response = await client.get_object(**kwargs)
+        length = int(response["ContentLength"])
+        if buf is None:
+            buf = bytearray(length)
+        elif end is not None and length != end - start:
+            raise StoreError(f"ranged read of {name} returned {length} bytes for bytes {start}-{end - 1}")
+        view = memoryview(buf)[start : start + length]
+        body = response["Body"]
+        async with body:
+            filled = 0
+            while filled < length:
+                n = await body.readinto(view[filled:])
+                if not n:
+                    raise StoreError(f"connection closed after {filled} of {length} bytes of {name}")
+                filled += n
+        return buf
+
+    async def put(self, key: str, data: Buffer) -> None:
+        name = self._object_key(key)
+        if len(data) <= self.settings.multipart_threshold:
+            await self._call("put_object", key, lambda c: c.put_object(Bucket=self.bucket, Key=name, Body=data))
+            return
+        await self._put_multipart(key, name, memoryview(data))
+
+    async def _put_multipart(self, key: str, name: str, data: memoryview) -> None:
+        created = await self._call(
+            "create_multipart_upload", key, lambda c: c.create_multipart_upload(Bucket=self.bucket, Key=name)
+        )
+        upload_id = created["UploadId"]
+        step = self.settings.part_size
+        try:
+            parts = await gather_or_cancel(
+                *(
+                    self._upload_part(key, name, upload_id, number, _BufferReader(data[start : start + step]))
+                    for number, start in enumerate(range(0, len(data), step), 1)
+                )
+            )
+            await self._call(
+                "complete_multipart_upload",
+                key,
+                lambda c: c.complete_multipart_upload(
+                    Bucket=self.bucket, Key=name, UploadId=upload_id, MultipartUpload={"Parts": list(parts)}
+                ),
+            )
+        except BaseException:
+            # Shielded so a cancelled put still removes its parts from the server.
+            with contextlib.suppress(Exception):
+                await asyncio.shield(
+                    self._call(
+                        "abort_multipart_upload",
+                        key,
+                        lambda c: c.abort_multipart_upload(Bucket=self.bucket, Key=name, UploadId=upload_id),
+                    )
+                )
+            raise
+
+    async def _upload_part(
+        self, key: str, name: str, upload_id: str, number: int, chunk: _BufferReader
+    ) -> dict[str, Any]:
+        response = await self._call(
+            "upload_part",
+            key,
+            lambda c: c.upload_part(Bucket=self.bucket, Key=name, UploadId=upload_id, PartNumber=number, Body=chunk),
+        )
+        return {"PartNumber": number, "ETag": response["ETag"]}
+
+    async def head_many(self, keys: Sequence[str]) -> list[ObjectInfo | None]:
+        return await gather_or_cancel(*(self._head(key) for key in keys))
+
+    async def _head(self, key: str) -> ObjectInfo | None:
+        try:
+            response = await self._call(
+                "head_object", key, lambda c: c.head_object(Bucket=self.bucket, Key=self._object_key(key))
+            )
+        except ObjectNotFoundError:
+            return None
+        return ObjectInfo(
+            key=key, size=int(response["ContentLength"]), last_modified=response["LastModified"].timestamp()
+        )
+
+    async def delete(self, key: str) -> None:
+        await self._call("delete_object", key, lambda c: c.delete_object(Bucket=self.bucket, Key=self._object_key(key)))
+
+    async def list(self, prefix: str = "") -> AsyncIterator[ObjectInfo]:
+        lc = await self._client()
+        full_prefix = self._object_key(prefix)
+        strip = len(self.prefix) + 1 if self.prefix else 0
+        paginator = lc.client.get_paginator("list_objects_v2")
+        try:
+            async for page in paginator.paginate(Bucket=self.bucket, Prefix=full_prefix):
+                for item in page.get("Contents", []):
+                    yield ObjectInfo(
+                        key=item["Key"][strip:], size=int(item["Size"]), last_modified=item["LastModified"].timestamp()
+                    )
+        except (ClientError, BotoCoreError) as exc:
+            raise self._error(exc, "list_objects_v2", prefix) from None
+
+    async def close(self) -> None:
+        clients, self._clients = self._clients, {}
+        self._client_lock.clear()
+        loop = asyncio.get_running_loop()
+        for owner, lc in clients.items():
+            if owner is loop:
+                await lc.context.__aexit__(None, None, None)
