@@ -41,7 +41,7 @@ class _Group(NamedTuple):
     key: str
     digest: bytes
     parent: bytes | None
-    index: int
+    number: int
 
 
 class AsyncVUA:
@@ -104,17 +104,17 @@ class AsyncVUA:
             for group in self._groups(ids, salt):
                 todo.setdefault(group.key, (row, ids, group))
         present = await self._store.head_many(list(todo))
-        missing = [item for item, info in zip(todo.values(), present) if info is None]
+        missing = [item for item, info in zip(todo.values(), present, strict=True) if info is None]
         await gather_or_cancel(*(self._put_group(kvcache, row, ids, group) for row, ids, group in missing))
         return len(missing)
 
     async def _put_group(self, kvcache: KVCache, row: int, ids: torch.Tensor, group: _Group) -> None:
         size = self._config.split_factor
-        start = group.index * size
+        start = group.number * size
         metadata = {
             "namespace": self._config.namespace,
             "split_factor": str(size),
-            "group": str(group.index),
+            "group": str(group.number),
             "digest": group.digest.hex(),
             "parent": group.parent.hex() if group.parent else "",
         }
@@ -155,7 +155,9 @@ class AsyncVUA:
         hits = _leading_hits(infos)
         if not hits:
             return None
-        fragments = await gather_or_cancel(*(self._load(group, info, ids) for group, info in zip(groups, hits)))
+        fragments = await gather_or_cancel(
+            *(self._load(group, info, ids) for group, info in zip(groups, hits, strict=False))
+        )
         usable = _consistent_prefix(fragments)
         if not usable:
             return None
@@ -186,7 +188,7 @@ class AsyncVUA:
         expected = {
             "namespace": self._config.namespace,
             "split_factor": str(size),
-            "group": str(group.index),
+            "group": str(group.number),
             "digest": group.digest.hex(),
         }
         for name, value in expected.items():
@@ -194,7 +196,7 @@ class AsyncVUA:
                 raise FragmentError(f"metadata {name}={meta.get(name)!r}, expected {value!r}")
         if frag.kv.dim() != 5 or frag.kv.size(1) != 2 or frag.kv.size(3) != size:
             raise FragmentError(f"kv tensor has shape {list(frag.kv.shape)}, expected [layers, 2, heads, {size}, dim]")
-        start = group.index * size
+        start = group.number * size
         if not torch.equal(frag.tokens, ids[start : start + size]):
             raise FragmentError("stored tokens differ from the query's tokens")
 
@@ -304,7 +306,7 @@ def _check_kvcache(kvcache: KVCache, rows: list[torch.Tensor]) -> None:
     for layer, pair in enumerate(kvcache):
         if not isinstance(pair, Sequence) or len(pair) != 2 or not all(isinstance(t, torch.Tensor) for t in pair):
             raise TypeError(f"kvcache[{layer}] must be a (K, V) pair of tensors")
-        for name, t in zip("KV", pair):
+        for name, t in zip("KV", pair, strict=True):
             if t.dim() != 4:
                 raise ValueError(
                     f"kvcache[{layer}] {name} must be [batch, heads, seq_len, head_dim], got {list(t.shape)}"
