@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 
 import pytest
@@ -58,10 +59,8 @@ def test_concurrent_puts_of_one_key_leave_one_whole_object(location: str) -> Non
             async def reader() -> list[bytes]:
                 seen = []
                 for _ in range(10):
-                    try:
+                    with contextlib.suppress(ObjectNotFoundError):
                         seen.append(bytes(await store.get("race/key")))
-                    except ObjectNotFoundError:
-                        pass
                     await asyncio.sleep(0)
                 return seen
 
