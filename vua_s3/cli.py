@@ -188,6 +188,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--split-factor", type=_positive_int, default=256, help="tokens per stored group")
     p.set_defaults(func=demo)
 
+    from .bench import add_arguments, bench
+
+    p = sub.add_parser("bench", help="vua_s3 beside the raw S3 transfer floor, measured in one run")
+    add_arguments(p)
+    p.set_defaults(func=bench)
+
     p = sub.add_parser("ls", help="list namespaces, or the fragments of one namespace")
     p.add_argument("url", help="store location: s3://bucket/prefix?..., file:///path or a path")
     p.add_argument("namespace", nargs="?", help="list this namespace's fragments")

@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import time
+from collections import OrderedDict
 from collections.abc import Sequence
 from typing import Any, NamedTuple, overload
 
@@ -44,6 +46,43 @@ class _Group(NamedTuple):
     number: int
 
 
+class _KnownPresent:
+    """Keys this object just stored or found, with their sizes: lets a probe skip the HEAD.
+
+    Bounded (least recently used go first) and short-lived: an object can vanish by
+    lifecycle expiry or a ``gc`` elsewhere, so a hit is trusted for ``ttl`` seconds at
+    most. Misses are never cached. A stale hit costs little: ``get_closest`` treats a
+    vanished fragment as the end of the prefix and forgets it.
+    """
+
+    def __init__(self, capacity: int = 4096, ttl: float = 30.0) -> None:
+        self._capacity = capacity
+        self._ttl = ttl
+        self._entries: OrderedDict[str, tuple[float, ObjectInfo]] = OrderedDict()
+
+    def get(self, key: str) -> ObjectInfo | None:
+        entry = self._entries.get(key)
+        if entry is None:
+            return None
+        if time.monotonic() - entry[0] > self._ttl:
+            del self._entries[key]
+            return None
+        self._entries.move_to_end(key)
+        return entry[1]
+
+    def add(self, info: ObjectInfo) -> None:
+        self._entries[info.key] = (time.monotonic(), info)
+        self._entries.move_to_end(info.key)
+        while len(self._entries) > self._capacity:
+            self._entries.popitem(last=False)
+
+    def discard(self, key: str) -> None:
+        self._entries.pop(key, None)
+
+    def clear(self) -> None:
+        self._entries.clear()
+
+
 class AsyncVUA:
     """The async core. Every verb is a coroutine; use one object from one event loop."""
 
@@ -65,6 +104,7 @@ class AsyncVUA:
         self._store = open_store(location)
         self._max_inflight = max_inflight
         self._limits: dict[asyncio.AbstractEventLoop, asyncio.Semaphore] = {}
+        self._known = _KnownPresent()
 
     def config(self) -> VUAConfig:
         """The configuration this cache was opened with."""
@@ -80,6 +120,18 @@ class AsyncVUA:
         if limit is None:
             limit = self._limits[loop] = asyncio.Semaphore(self._max_inflight)
         return limit
+
+    async def _probe(self, keys: Sequence[str]) -> list[ObjectInfo | None]:
+        """One wave of HEADs for the keys not known to be present; hits are remembered."""
+        infos = [self._known.get(key) for key in keys]
+        unknown = [i for i, info in enumerate(infos) if info is None]
+        if unknown:
+            found = await self._store.head_many([keys[i] for i in unknown])
+            for i, info in zip(unknown, found, strict=True):
+                infos[i] = info
+                if info is not None:
+                    self._known.add(info)
+        return infos
 
     def _groups(self, ids: torch.Tensor, salt: str | None) -> list[_Group]:
         cfg = self._config
@@ -103,7 +155,7 @@ class AsyncVUA:
         for row, ids in sequences:
             for group in self._groups(ids, salt):
                 todo.setdefault(group.key, (row, ids, group))
-        present = await self._store.head_many(list(todo))
+        present = await self._probe(list(todo))
         missing = [item for item, info in zip(todo.values(), present, strict=True) if info is None]
         await gather_or_cancel(*(self._put_group(kvcache, row, ids, group) for row, ids, group in missing))
         return len(missing)
@@ -121,6 +173,7 @@ class AsyncVUA:
         async with self._limit():
             body = await asyncio.to_thread(fragment.encode, kvcache, row, start, ids[start : start + size], metadata)
             await self._store.put(group.key, body)
+        self._known.add(ObjectInfo(key=group.key, size=len(body), last_modified=time.time()))
 
     @overload
     async def get_closest(
@@ -151,8 +204,7 @@ class AsyncVUA:
             return None
         ids = token_ids(trimmed, self._config.split_factor)
         groups = self._groups(ids, salt)
-        infos = await self._store.head_many([g.key for g in groups])
-        hits = _leading_hits(infos)
+        hits = _leading_hits(await self._probe([g.key for g in groups]))
         if not hits:
             return None
         fragments = await gather_or_cancel(
@@ -171,6 +223,7 @@ class AsyncVUA:
             try:
                 buf = await self._store.get(group.key, info.size)
             except ObjectNotFoundError:
+                self._known.discard(group.key)
                 log.info("fragment %s vanished after the probe (expired or deleted)", group.key)
                 return None
             try:
@@ -219,8 +272,7 @@ class AsyncVUA:
         if trimmed is None:
             return 0
         groups = self._groups(token_ids(trimmed, self._config.split_factor), salt)
-        infos = await self._store.head_many([g.key for g in groups])
-        return len(_leading_hits(infos)) * self._config.split_factor
+        return len(_leading_hits(await self._probe([g.key for g in groups]))) * self._config.split_factor
 
     async def close(self) -> None:
         """Release the store's connections."""
