@@ -1,7 +1,7 @@
 """Store a KV cache for a prompt, then load the longest stored prefix of a longer one.
 
-    python examples/quickstart.py                      # an embedded S3 server on 127.0.0.1
-    python examples/quickstart.py s3://bucket/prefix   # any store (credentials from the AWS chain)
+python examples/quickstart.py                      # an embedded S3 server on 127.0.0.1
+python examples/quickstart.py s3://bucket/prefix   # any store (credentials from the AWS chain)
 """
 
 from __future__ import annotations
