@@ -76,7 +76,7 @@ locals {
 
   # Client settings a VAST endpoint needs: path-style addressing (buckets are
   # not DNS sub-domains of the VIP pool name) and checksums only when the
-  # operation requires them (newer SDK defaults add CRC trailers).
+  # operation requires them (newer AWS SDKs add them to every upload).
   endpoint_url = "${var.endpoint_scheme}://${var.endpoint}"
   vua_s3_settings = merge(
     {
