@@ -73,9 +73,7 @@ DUMMY_CREDS = {"aws_access_key_id": "testing", "aws_secret_access_key": "testing
 def _parse(path: Path, raw: bool) -> dict[str, Any]:
     """Parse one file. raw=True keeps HCL literals quoted, so each value is a
     valid Terraform expression; raw=False gives plain strings for assertions."""
-    options = SerializationOptions(
-        strip_string_quotes=not raw, explicit_blocks=False, with_comments=False
-    )
+    options = SerializationOptions(strip_string_quotes=not raw, explicit_blocks=False, with_comments=False)
     with path.open(encoding="utf-8") as fh:
         return hcl2.load(fh, serialization_options=options)
 
@@ -160,9 +158,7 @@ class Renderer:
             (workdir / "provider_stubs.tf").write_text(f"locals {{\n{body}\n}}\n")
         (workdir / "empty.tfrc").write_text("")
 
-    def eval(
-        self, expressions: Mapping[str, str], tfvars: Mapping[str, Any]
-    ) -> dict[str, Any]:
+    def eval(self, expressions: Mapping[str, str], tfvars: Mapping[str, Any]) -> dict[str, Any]:
         (self.workdir / "terraform.tfvars.json").write_text(json.dumps(tfvars))
         fields = ", ".join(f"{key} = ({expr})" for key, expr in expressions.items())
         env = {k: v for k, v in os.environ.items() if not k.startswith("TF_")}
@@ -232,24 +228,18 @@ def _as_list(value: Any) -> list[Any]:
 # --------------------------------------------------------------------------
 
 
-def _aws_lifecycle_rules(
-    r: Renderer, tfvars: Mapping[str, Any]
-) -> list[dict[str, Any]]:
+def _aws_lifecycle_rules(r: Renderer, tfvars: Mapping[str, Any]) -> list[dict[str, Any]]:
     """Translate aws_s3_bucket_lifecycle_configuration.cache into boto3's shape.
 
     Field mapping as in the AWS provider. Attribute expressions are evaluated
     by terraform console; any block this translator does not know fails."""
-    rules = _resource(AWS, "aws_s3_bucket_lifecycle_configuration", "cache", raw=True)[
-        "rule"
-    ]
+    rules = _resource(AWS, "aws_s3_bucket_lifecycle_configuration", "cache", raw=True)["rule"]
     exprs: dict[str, str] = {}
     plan: list[list[tuple[tuple[str, ...], str]]] = []
     for i, rule in enumerate(rules):
         fields: list[tuple[tuple[str, ...], str]] = []
 
-        def add(
-            path: tuple[str, ...], value: Any, i: int = i, fields: Any = fields
-        ) -> None:
+        def add(path: tuple[str, ...], value: Any, i: int = i, fields: Any = fields) -> None:
             key = f"r{i}_{len(fields)}"
             exprs[key] = _expr(value)
             fields.append((path, key))
@@ -286,9 +276,7 @@ def _aws_lifecycle_rules(
                     body["days_after_initiation"],
                 )
             else:
-                raise AssertionError(
-                    f"lifecycle rule attribute {attr!r} not translated"
-                )
+                raise AssertionError(f"lifecycle rule attribute {attr!r} not translated")
         plan.append(fields)
 
     values = r.eval(exprs, {**AWS_VARS, **tfvars})
@@ -304,9 +292,7 @@ def _aws_lifecycle_rules(
     return api_rules
 
 
-def _vast_lifecycle_rules(
-    r: Renderer, tfvars: Mapping[str, Any]
-) -> list[dict[str, Any]]:
+def _vast_lifecycle_rules(r: Renderer, tfvars: Mapping[str, Any]) -> list[dict[str, Any]]:
     """The vastdata_s3_life_cycle_rule resources expressed as S3 API rules."""
     rules = _blocks(VAST, "resource", raw=True)["vastdata_s3_life_cycle_rule"]
     mapping = {
@@ -367,9 +353,7 @@ def moto_endpoint() -> Iterator[str]:
 
 
 def _client(service: str, endpoint: str) -> Any:
-    return boto3.client(
-        service, endpoint_url=endpoint, region_name="us-east-1", **DUMMY_CREDS
-    )
+    return boto3.client(service, endpoint_url=endpoint, region_name="us-east-1", **DUMMY_CREDS)
 
 
 # ==========================================================================
@@ -396,9 +380,7 @@ def test_module_layout_and_readme(module: Path) -> None:
     ):
         assert (module / name).is_file(), f"{module.name}/{name} missing"
     readme = (module / "README.md").read_text(encoding="utf-8")
-    usage = [
-        b for b in re.findall(r"```hcl\n(.*?)```", readme, re.DOTALL) if 'module "' in b
-    ]
+    usage = [b for b in re.findall(r"```hcl\n(.*?)```", readme, re.DOTALL) if 'module "' in b]
     assert usage, "README needs an hcl usage block with the module"
     assert "source" in usage[0]
     examples = list((module / "examples").rglob("*.tf"))
@@ -422,9 +404,7 @@ def test_variables_have_descriptions_and_validation(module: Path) -> None:
     variables = _blocks(module, "variable")
     assert variables
     for name, body in variables.items():
-        assert str(body.get("description", "")).strip(), (
-            f"variable {name} lacks a description"
-        )
+        assert str(body.get("description", "")).strip(), f"variable {name} lacks a description"
         assert "type" in body, f"variable {name} lacks a type"
     for name in (
         "bucket_name",
@@ -433,9 +413,7 @@ def test_variables_have_descriptions_and_validation(module: Path) -> None:
         "abort_incomplete_multipart_days",
     ):
         assert variables[name].get("validation"), f"{name} needs validation"
-    assert "var.ttl_days > 0" in " ".join(
-        v["condition"] for v in variables["ttl_days"]["validation"]
-    )
+    assert "var.ttl_days > 0" in " ".join(v["condition"] for v in variables["ttl_days"]["validation"])
 
 
 def test_versions_pin_providers() -> None:
@@ -476,9 +454,7 @@ def test_aws_public_access_block_all_four_flags_true() -> None:
         "restrict_public_buckets",
     ):
         assert pab[flag] is True, flag
-    ownership = _one(
-        _resource(AWS, "aws_s3_bucket_ownership_controls", "cache")["rule"]
-    )
+    ownership = _one(_resource(AWS, "aws_s3_bucket_ownership_controls", "cache")["rule"])
     assert ownership["object_ownership"] == "BucketOwnerEnforced"
 
 
@@ -490,11 +466,7 @@ def test_aws_public_access_block_all_four_flags_true() -> None:
 def test_aws_encryption_sse_s3_default_kms_optional(
     aws_renderer: Renderer, kms: str | None, algorithm: str, bucket_key: bool
 ) -> None:
-    rule = _one(
-        _resource(
-            AWS, "aws_s3_bucket_server_side_encryption_configuration", "cache", raw=True
-        )["rule"]
-    )
+    rule = _one(_resource(AWS, "aws_s3_bucket_server_side_encryption_configuration", "cache", raw=True)["rule"])
     default = _one(rule["apply_server_side_encryption_by_default"])
     got = aws_renderer.eval(
         {
@@ -512,9 +484,7 @@ def test_aws_versioning_off_unless_asked(aws_renderer: Renderer) -> None:
     versioning = _resource(AWS, "aws_s3_bucket_versioning", "cache", raw=True)
     count = _expr(versioning["count"])
     assert aws_renderer.eval({"n": count}, AWS_VARS) == {"n": 0}
-    assert aws_renderer.eval(
-        {"n": count}, {**AWS_VARS, "versioning_enabled": True}
-    ) == {"n": 1}
+    assert aws_renderer.eval({"n": count}, {**AWS_VARS, "versioning_enabled": True}) == {"n": 1}
 
 
 @needs_terraform
@@ -537,10 +507,7 @@ def test_aws_lifecycle_uses_ttl_days_and_aborts_multipart(
 
 @needs_terraform
 def test_aws_bucket_policy_denies_non_tls(aws_renderer: Renderer) -> None:
-    assert (
-        _resource(AWS, "aws_s3_bucket_policy", "cache")["policy"]
-        == "${local.bucket_policy_json}"
-    )
+    assert _resource(AWS, "aws_s3_bucket_policy", "cache")["policy"] == "${local.bucket_policy_json}"
     bucket_policy, _ = _aws_documents(aws_renderer)
     arn = "arn:aws:s3:::vua-kv-cache-test"
     tls = [
@@ -554,20 +521,14 @@ def test_aws_bucket_policy_denies_non_tls(aws_renderer: Renderer) -> None:
     assert stmt["Principal"] == "*"
     assert stmt["Action"] == "s3:*"
     assert sorted(stmt["Resource"]) == [arn, f"{arn}/*"]
-    assert all(s["Effect"] == "Deny" for s in bucket_policy["Statement"]), (
-        "bucket policy grants nothing"
-    )
+    assert all(s["Effect"] == "Deny" for s in bucket_policy["Statement"]), "bucket policy grants nothing"
 
 
 @needs_terraform
 @pytest.mark.parametrize("maintenance", [False, True])
 @pytest.mark.parametrize("kms", [None, KMS_ARN])
-def test_aws_iam_policy_is_limited_to_prefix(
-    aws_renderer: Renderer, maintenance: bool, kms: str | None
-) -> None:
-    _, policy = _aws_documents(
-        aws_renderer, allow_maintenance=maintenance, kms_key_arn=kms
-    )
+def test_aws_iam_policy_is_limited_to_prefix(aws_renderer: Renderer, maintenance: bool, kms: str | None) -> None:
+    _, policy = _aws_documents(aws_renderer, allow_maintenance=maintenance, kms_key_arn=kms)
     bucket = "arn:aws:s3:::vua-kv-cache-test"
     fragments = f"{bucket}/kv/llama3/*"
     granted: dict[str, set[str]] = {}
@@ -598,9 +559,7 @@ def test_aws_iam_policy_is_limited_to_prefix(
         assert granted["kms:Decrypt"] == {KMS_ARN}
         assert granted["kms:GenerateDataKey"] == {KMS_ARN}
         kms_stmt = next(s for s in policy["Statement"] if "kms:Decrypt" in s["Action"])
-        assert kms_stmt["Condition"] == {
-            "StringEquals": {"kms:ViaService": "s3.us-west-2.amazonaws.com"}
-        }
+        assert kms_stmt["Condition"] == {"StringEquals": {"kms:ViaService": "s3.us-west-2.amazonaws.com"}}
         expected |= {"kms:Decrypt", "kms:GenerateDataKey"}
     assert set(granted) == expected
     for action, resources in granted.items():
@@ -617,9 +576,7 @@ def test_aws_policy_attachment_is_optional(aws_renderer: Renderer) -> None:
     count = _expr(attachment["count"])
     assert aws_renderer.eval({"n": count}, AWS_VARS) == {"n": 0}
     with_role = {**AWS_VARS, "attach_to_role_name": "inference-nodes"}
-    assert aws_renderer.eval(
-        {"n": count, "role": _expr(attachment["role"])}, with_role
-    ) == {
+    assert aws_renderer.eval({"n": count, "role": _expr(attachment["role"])}, with_role) == {
         "n": 1,
         "role": "inference-nodes",
     }
@@ -637,12 +594,8 @@ def test_aws_outputs() -> None:
         assert name in outputs, name
         assert outputs[name].get("description"), name
     assert outputs["policy_arn"]["value"] == "${aws_iam_policy.inference.arn}"
-    assert (
-        outputs["bucket_url"]["value"] == "s3://${aws_s3_bucket.cache.id}/${var.prefix}"
-    )
-    assert outputs["url"]["value"].startswith(
-        "s3://${aws_s3_bucket.cache.id}/${var.prefix}?region="
-    )
+    assert outputs["bucket_url"]["value"] == "s3://${aws_s3_bucket.cache.id}/${var.prefix}"
+    assert outputs["url"]["value"].startswith("s3://${aws_s3_bucket.cache.id}/${var.prefix}?region=")
     assert outputs["region"]["value"] == "${local.region}"
 
 
@@ -695,17 +648,13 @@ VAST_BAD = [
 
 @needs_terraform
 @pytest.mark.parametrize(("name", "value"), VAST_BAD)
-def test_vast_validation_rejects(
-    vast_renderer: Renderer, name: str, value: Any
-) -> None:
+def test_vast_validation_rejects(vast_renderer: Renderer, name: str, value: Any) -> None:
     with pytest.raises(ConsoleError, match="Invalid value for variable"):
         vast_renderer.eval({"p": "local.key_prefix"}, {**VAST_VARS, name: value})
 
 
 @needs_terraform
-def test_good_values_are_accepted(
-    aws_renderer: Renderer, vast_renderer: Renderer
-) -> None:
+def test_good_values_are_accepted(aws_renderer: Renderer, vast_renderer: Renderer) -> None:
     aws = aws_renderer.eval(
         {"p": "local.key_prefix", "n": "local.iam_policy_name"},
         {
@@ -798,11 +747,7 @@ def test_vast_uses_documented_attribute_names() -> None:
     assert set(resources) == set(VASTDATA_ARGUMENTS)
     for rtype, instances in resources.items():
         for name, body in instances.items():
-            unknown = (
-                set(body)
-                - VASTDATA_ARGUMENTS[rtype]
-                - {"depends_on", "count", "lifecycle"}
-            )
+            unknown = set(body) - VASTDATA_ARGUMENTS[rtype] - {"depends_on", "count", "lifecycle"}
             assert not unknown, f"{rtype}.{name}: {unknown}"
     for dtype, instances in _blocks(VAST, "data").items():
         for body in instances.values():
@@ -828,14 +773,9 @@ def test_vast_service_user_and_key() -> None:
     assert key["user_id"] == "${vastdata_user.service.id}"
     assert key["enabled"] is True
     outputs = _blocks(VAST, "output")
-    assert (
-        outputs["secret_access_key"]["value"]
-        == "${vastdata_user_key.service.secret_key}"
-    )
+    assert outputs["secret_access_key"]["value"] == "${vastdata_user_key.service.secret_key}"
     assert outputs["secret_access_key"]["sensitive"] is True
-    assert (
-        outputs["access_key_id"]["value"] == "${vastdata_user_key.service.access_key}"
-    )
+    assert outputs["access_key_id"]["value"] == "${vastdata_user_key.service.access_key}"
     policy = _resource(VAST, "vastdata_s3_policy", "cache")
     assert policy["policy"] == "${local.s3_policy_json}"
     assert policy["enabled"] is True
@@ -866,9 +806,7 @@ def test_vast_lifecycle_uses_ttl_days_and_aborts_multipart(
 
 @needs_terraform
 @pytest.mark.parametrize("maintenance", [False, True])
-def test_vast_s3_policy_limited_to_bucket(
-    vast_renderer: Renderer, maintenance: bool
-) -> None:
+def test_vast_s3_policy_limited_to_bucket(vast_renderer: Renderer, maintenance: bool) -> None:
     policy = _vast_policy(vast_renderer, allow_maintenance=maintenance)
     bucket = "arn:aws:s3:::vua-kv-cache"
     allowed: dict[str, set[str]] = {}
@@ -918,9 +856,7 @@ def test_vast_url_and_settings(vast_renderer: Renderer) -> None:
             "endpoint": "vip1:8443",
         },
     )
-    assert lab["url"].endswith(
-        "&region=us-east-1&verify=false&ca_bundle=/etc/ssl/vast-ca.pem"
-    )
+    assert lab["url"].endswith("&region=us-east-1&verify=false&ca_bundle=/etc/ssl/vast-ca.pem")
     assert lab["ep"] == "https://vip1:8443"
     outputs = _blocks(VAST, "output")
     for name in (
@@ -945,17 +881,12 @@ def _without_principal(policy: dict[str, Any]) -> dict[str, Any]:
     validator can check their grammar (moto's S3 stores bucket policies as-is)."""
     return {
         **policy,
-        "Statement": [
-            {k: v for k, v in s.items() if k != "Principal"}
-            for s in policy["Statement"]
-        ],
+        "Statement": [{k: v for k, v in s.items() if k != "Principal"} for s in policy["Statement"]],
     }
 
 
 @needs_terraform
-def test_moto_accepts_aws_lifecycle_and_policies(
-    aws_renderer: Renderer, moto_endpoint: str
-) -> None:
+def test_moto_accepts_aws_lifecycle_and_policies(aws_renderer: Renderer, moto_endpoint: str) -> None:
     s3 = _client("s3", moto_endpoint)
     iam = _client("iam", moto_endpoint)
     bucket = AWS_VARS["bucket_name"]
@@ -972,47 +903,32 @@ def test_moto_accepts_aws_lifecycle_and_policies(
             for days in rule.get(action, {}).values():
                 assert isinstance(days, int), days
                 assert days >= 1, days
-    s3.put_bucket_lifecycle_configuration(
-        Bucket=bucket, LifecycleConfiguration={"Rules": rules}
-    )
+    s3.put_bucket_lifecycle_configuration(Bucket=bucket, LifecycleConfiguration={"Rules": rules})
     stored = s3.get_bucket_lifecycle_configuration(Bucket=bucket)["Rules"]
     assert {r["ID"]: r for r in stored} == {r["ID"]: r for r in rules}
 
     for maintenance, kms in ((False, None), (True, KMS_ARN)):
-        bucket_policy, inference = _aws_documents(
-            aws_renderer, allow_maintenance=maintenance, kms_key_arn=kms
-        )
+        bucket_policy, inference = _aws_documents(aws_renderer, allow_maintenance=maintenance, kms_key_arn=kms)
         s3.put_bucket_policy(Bucket=bucket, Policy=json.dumps(bucket_policy))
-        assert (
-            json.loads(s3.get_bucket_policy(Bucket=bucket)["Policy"]) == bucket_policy
-        )
-        assert (
-            s3.get_bucket_policy_status(Bucket=bucket)["PolicyStatus"]["IsPublic"]
-            is False
-        )
+        assert json.loads(s3.get_bucket_policy(Bucket=bucket)["Policy"]) == bucket_policy
+        assert s3.get_bucket_policy_status(Bucket=bucket)["PolicyStatus"]["IsPublic"] is False
         suffix = f"{int(maintenance)}{int(kms is not None)}"
         iam.create_policy(
             PolicyName=f"bucket-grammar-{suffix}",
             PolicyDocument=json.dumps(_without_principal(bucket_policy)),
         )
-        created = iam.create_policy(
-            PolicyName=f"vua-s3-{suffix}", PolicyDocument=json.dumps(inference)
-        )
+        created = iam.create_policy(PolicyName=f"vua-s3-{suffix}", PolicyDocument=json.dumps(inference))
         assert created["Policy"]["Arn"].endswith(f":policy/vua-s3-{suffix}")
 
 
 @needs_terraform
-def test_moto_accepts_vast_lifecycle_and_policy(
-    vast_renderer: Renderer, moto_endpoint: str
-) -> None:
+def test_moto_accepts_vast_lifecycle_and_policy(vast_renderer: Renderer, moto_endpoint: str) -> None:
     s3 = _client("s3", moto_endpoint)
     iam = _client("iam", moto_endpoint)
     bucket = VAST_VARS["bucket_name"]
     s3.create_bucket(Bucket=bucket)
     rules = _vast_lifecycle_rules(vast_renderer, {})
-    s3.put_bucket_lifecycle_configuration(
-        Bucket=bucket, LifecycleConfiguration={"Rules": rules}
-    )
+    s3.put_bucket_lifecycle_configuration(Bucket=bucket, LifecycleConfiguration={"Rules": rules})
     assert len(s3.get_bucket_lifecycle_configuration(Bucket=bucket)["Rules"]) == 2
     for maintenance in (False, True):
         policy = _vast_policy(vast_renderer, allow_maintenance=maintenance)
@@ -1028,9 +944,7 @@ def test_moto_policy_validator_is_live(moto_endpoint: str) -> None:
     iam = _client("iam", moto_endpoint)
     bad = {
         "Version": "2012-10-17",
-        "Statement": [
-            {"Effect": "Allow", "Action": "GetObject", "Resource": "arn:aws:s3:::b/*"}
-        ],
+        "Statement": [{"Effect": "Allow", "Action": "GetObject", "Resource": "arn:aws:s3:::b/*"}],
     }
     with pytest.raises(iam.exceptions.MalformedPolicyDocumentException):
         iam.create_policy(PolicyName="negative-control", PolicyDocument=json.dumps(bad))
@@ -1048,10 +962,7 @@ def _checkov() -> str | None:
 def test_checkov_is_clean(tmp_path: Path) -> None:
     checkov = _checkov()
     if checkov is None:
-        pytest.skip(
-            "checkov not found: set CHECKOV_BIN or put checkov on PATH"
-            " (pip install checkov)"
-        )
+        pytest.skip("checkov not found: set CHECKOV_BIN or put checkov on PATH (pip install checkov)")
     env = {
         **os.environ,
         "BC_SKIP_MAPPING": "TRUE",
@@ -1081,10 +992,7 @@ def test_checkov_is_clean(tmp_path: Path) -> None:
     reports = report if isinstance(report, list) else [report]
     summary = reports[0]["summary"]
     results = reports[0]["results"]
-    failed = [
-        (c["check_id"], c["resource"], c["file_path"])
-        for c in results.get("failed_checks", [])
-    ]
+    failed = [(c["check_id"], c["resource"], c["file_path"]) for c in results.get("failed_checks", [])]
     assert not failed, failed
     assert summary["failed"] == 0
     assert summary["parsing_errors"] == 0
@@ -1100,9 +1008,7 @@ def test_checkov_is_clean(tmp_path: Path) -> None:
     assert must_pass <= passed, must_pass - passed
     for skipped in results.get("skipped_checks", []):
         reason = skipped.get("check_result", {}).get("suppress_comment", "")
-        assert len(reason.strip()) > 20, (
-            f"{skipped['check_id']} skipped without a reason"
-        )
+        assert len(reason.strip()) > 20, f"{skipped['check_id']} skipped without a reason"
 
 
 @needs_terraform
