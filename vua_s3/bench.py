@@ -36,7 +36,7 @@ from .loop import BackgroundLoop, gather_or_cancel
 from .s3 import S3Settings, S3Store
 from .shapes import PRESETS, ModelShape
 from .store import redact_url
-from .vua import VUA
+from .vua import VUA, ClosestKV
 
 _T = TypeVar("_T")
 _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32, "fp8": torch.float8_e4m3fn}
@@ -244,9 +244,10 @@ class _Floor:
         await self._limited(lambda: self._client.head_object(Bucket=self.store.bucket, Key=self._name(key)))
 
     async def delete(self, keys: Sequence[str]) -> None:
-        await gather_or_cancel(
-            *(self._limited(lambda k=k: self._client.delete_object(Bucket=self.store.bucket, Key=self._name(k))) for k in keys)
-        )
+        async def delete(key: str) -> None:
+            await self._limited(lambda: self._client.delete_object(Bucket=self.store.bucket, Key=self._name(key)))
+
+        await gather_or_cancel(*(delete(key) for key in keys))
 
 
 def _figure(samples: list[Sample], moved: int) -> dict[str, Any]:
@@ -271,7 +272,7 @@ def run_bench(options: BenchOptions) -> dict[str, Any]:
     groups = n // options.split_factor
     moved = shape.bytes_per_token * n * batch
     devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
-    steps = options.repeats * (8 + len(devices) * 2) + 2
+    steps = options.repeats * (10 + len(devices) * 2) + 1
     progress = _Progress(options.progress, steps)
     vua_options = {} if options.max_inflight is None else {"max_inflight": options.max_inflight}
     try:
@@ -355,9 +356,9 @@ def _measure(
 
     results: dict[str, list[Sample]] = {}
 
-    def timed(name: str, fn: Callable[[], _T]) -> _T:
+    def timed(name: str, fn: Callable[..., _T], *args: Any, **kwargs: Any) -> _T:
         with counter.measure() as sample:
-            out = fn()
+            out = fn(*args, **kwargs)
         results.setdefault(name, []).append(sample)
         progress.step(name)
         return out
@@ -368,21 +369,22 @@ def _measure(
         salt = f"r{rep}-{time.time_ns()}"
         floor_keys = [f"floor/{salt}/{i}" for i in range(len(sizes))]
         forget()
-        checks["put_written"] = timed("put_cold", lambda s=salt: vua.put(tokens, kv, salt=s))
-        timed("floor_put", lambda fk=floor_keys: loop.run(_floor_put(floor, fk, bodies)))
+        checks["put_written"] = timed("put_cold", vua.put, tokens, kv, salt=salt)
+        timed("floor_put", loop.run, _floor_put(floor, floor_keys, bodies))
         forget()
-        checks["reput_written"] = timed("put_stored", lambda s=salt: vua.put(tokens, kv, salt=s))
-        timed("put_stored_cached", lambda s=salt: vua.put(tokens, kv, salt=s))
+        checks["reput_written"] = timed("put_stored", vua.put, tokens, kv, salt=salt)
+        timed("put_stored_cached", vua.put, tokens, kv, salt=salt)
         for device in devices:
             forget()
-            got = timed(f"get_{device}", lambda s=salt, d=device: vua.get_closest(rows, device=d, salt=s))
+            got: list[ClosestKV | None] = timed(f"get_{device}", vua.get_closest, rows, device, salt=salt)
             checks[f"get_{device}_tokens"] = sum(0 if g is None else g.tokens.numel() for g in got)
             del got
-            timed(f"floor_get_{device}", lambda fk=floor_keys: loop.run(_floor_get(floor, fk, sizes)))
+            timed(f"floor_get_{device}", loop.run, _floor_get(floor, floor_keys, sizes))
         for kind, query in (("full", rows[0]), ("half", half), ("miss", rows[0] + 1)):
             forget()
-            checks[f"lookup_{kind}"] = timed(f"lookup_{kind}", lambda s=salt, q=query: vua.lookup(q, salt=s))
-        timed("floor_head", lambda fk=floor_keys: loop.run(floor.head(fk[0])))
+            checks[f"lookup_{kind}"] = timed(f"lookup_{kind}", vua.lookup, query, salt=salt)
+        for _ in range(3):
+            timed("floor_head", loop.run, floor.head(floor_keys[0]))
         loop.run(floor.delete(floor_keys))
         loop.run(_delete(floor.store, [k for row in rows for k in cfg.tokens_to_paths(row, salt=salt)]))
 
@@ -461,7 +463,8 @@ def format_report(report: dict[str, Any]) -> str:
         ("lookup (miss)", "lookup_miss", "lookup_miss_vs_head"),
     ]:
         requests = ", ".join(f"{v} {k}" for k, v in sorted(vua_r[mine]["requests"].items())) or "no requests"
-        lines.append(f"{label:<22}{_latency(vua_r[mine]):>34}{head + ' (1 HEAD)':>34}{ratios[ratio]:>7.2f}x  {requests}")
+        floor_text = head + " (1 HEAD)"
+        lines.append(f"{label:<22}{_latency(vua_r[mine]):>34}{floor_text:>34}{ratios[ratio]:>7.2f}x  {requests}")
     cached = vua_r["put_stored_cached"]
     requests = ", ".join(f"{v} {k}" for k, v in sorted(cached["requests"].items())) or "no requests"
     lines.append(f"{'put (stored, cached)':<22}{_latency(cached):>34}{'':>34}{'':>8}  {requests}")

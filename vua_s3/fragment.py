@@ -107,7 +107,7 @@ def encode(
     return buf
 
 
-def decode(buf: bytearray) -> Fragment:
+def decode(buf: bytearray | memoryview) -> Fragment:
     """Parse and integrity-check a fragment; raise :class:`FragmentError` if it is unusable."""
     view = memoryview(buf)
     if len(view) < 8:

@@ -25,12 +25,13 @@ from typing import Any, TypeVar
 from urllib.parse import parse_qsl, urlsplit
 
 import aioboto3
+import aiohttp
 from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError
 
 from .errors import AccessDeniedError, InvalidLocationError, ObjectNotFoundError, StoreError
 from .loop import gather_or_cancel
-from .store import Buffer, ObjectInfo, Store, redact_url
+from .store import Buffer, ObjectInfo, SizeMismatchError, Store, redact_url
 
 log = logging.getLogger(__name__)
 
@@ -196,6 +197,29 @@ class _BufferReader(io.RawIOBase):
         return self._pos
 
 
+async def _receive(body: Any, view: memoryview, name: str) -> None:
+    """Copy a response body into ``view`` chunk by chunk, as the socket delivered them.
+
+    aiobotocore's ``readinto`` joins whatever chunks are buffered into a new bytes and
+    then copies that; taking aiohttp's chunks one at a time leaves a single copy.
+    """
+    filled, length = 0, len(view)
+    try:
+        async with body:
+            content = body.content  # the aiohttp StreamReader under aiobotocore's StreamingBody
+            while filled < length:
+                chunk, _ = await content.readchunk()
+                if not chunk:
+                    raise StoreError(f"connection closed after {filled} of {length} bytes of {name}")
+                if filled + len(chunk) > length:
+                    raise StoreError(f"{name} sent more than the {length} bytes it announced")
+                view[filled : filled + len(chunk)] = chunk
+                filled += len(chunk)
+    except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+        failure = f"{type(exc).__name__}: {exc}"
+        raise StoreError(f"reading {name} failed after {filled} of {length} bytes: {failure}") from None
+
+
 class _LoopClient:
     """The client, its context and the request limit that belong to one event loop."""
 
@@ -306,42 +330,46 @@ class S3Store(Store):
                 raise self._error(exc, operation, key) from None
 
     async def get(self, key: str, size: int | None = None) -> bytearray:
-        name = self._object_key(key)
-        if size is None or size <= self.settings.multipart_threshold:
-            return await self._call("get_object", key, lambda c: self._read(c, name))
+        if size is None:
+            return await self._call("get_object", key, lambda c: self._read_whole(c, self._object_key(key)))
         buf = bytearray(size)
-        step = self.settings.part_size
-
-        async def read_range(start: int) -> bytearray:
-            end = min(start + step, size)
-            return await self._call("get_object", key, lambda c: self._read(c, name, buf, start, end))
-
-        await gather_or_cancel(*(read_range(start) for start in range(0, size, step)))
+        await self.get_into(key, memoryview(buf))
         return buf
 
-    async def _read(
-        self, client: Any, name: str, buf: bytearray | None = None, start: int = 0, end: int | None = None
-    ) -> bytearray:
-        """GET ``name`` whole into a new buffer, or bytes ``[start, end)`` of it into ``buf``."""
+    async def get_into(self, key: str, out: memoryview) -> None:
+        name = self._object_key(key)
+        size = len(out)
+        if size <= self.settings.multipart_threshold:
+            await self._call("get_object", key, lambda c: self._read(c, name, out))
+            return
+        step = self.settings.part_size
+
+        async def read_range(start: int) -> None:
+            end = min(start + step, size)
+            await self._call("get_object", key, lambda c: self._read(c, name, out, start, end))
+
+        await gather_or_cancel(*(read_range(start) for start in range(0, size, step)))
+
+    async def _read_whole(self, client: Any, name: str) -> bytearray:
+        """GET ``name`` whole into a new buffer of the size the server announces."""
+        response = await client.get_object(Bucket=self.bucket, Key=name)
+        buf = bytearray(int(response["ContentLength"]))
+        await _receive(response["Body"], memoryview(buf), name)
+        return buf
+
+    async def _read(self, client: Any, name: str, buf: memoryview, start: int = 0, end: int | None = None) -> None:
+        """GET ``name`` whole into ``buf``, which it must fill exactly, or bytes ``[start, end)``
+        of it into the same bytes of ``buf``."""
         kwargs: dict[str, Any] = {"Bucket": self.bucket, "Key": name}
         if end is not None:
             kwargs["Range"] = f"bytes={start}-{end - 1}"
         response = await client.get_object(**kwargs)
         length = int(response["ContentLength"])
-        if buf is None:
-            buf = bytearray(length)
-        elif end is not None and length != end - start:
-            raise StoreError(f"ranged read of {name} returned {length} bytes for bytes {start}-{end - 1}")
-        view = memoryview(buf)[start : start + length]
-        body = response["Body"]
-        async with body:
-            filled = 0
-            while filled < length:
-                n = await body.readinto(view[filled:])
-                if not n:
-                    raise StoreError(f"connection closed after {filled} of {length} bytes of {name}")
-                filled += n
-        return buf
+        expected = len(buf) if end is None else end - start
+        if length != expected:
+            response["Body"].close()
+            raise SizeMismatchError(f"read of {name} returned {length} bytes, expected {expected}")
+        await _receive(response["Body"], buf[start : start + length], name)
 
     async def put(self, key: str, data: Buffer) -> None:
         name = self._object_key(key)

@@ -20,7 +20,7 @@ from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
-from .errors import InvalidLocationError
+from .errors import InvalidLocationError, StoreError
 
 Buffer = bytes | bytearray | memoryview
 
@@ -35,6 +35,10 @@ class ObjectInfo:
     """Seconds since the epoch."""
 
 
+class SizeMismatchError(StoreError):
+    """An object is not the size its probe reported: rewritten or damaged since."""
+
+
 class Store(ABC):
     """An object store rooted at a bucket prefix or a directory."""
 
@@ -45,6 +49,15 @@ class Store(ABC):
     async def get(self, key: str, size: int | None = None) -> bytearray:
         """The whole object. ``size`` (from ``head_many``) lets a backend preallocate
         and split the read into parallel ranges without another round trip."""
+
+    async def get_into(self, key: str, out: memoryview) -> None:
+        """Read the whole object, exactly ``len(out)`` bytes (its size from ``head_many``),
+        into ``out``: lets the caller reuse buffers, as fresh memory costs page faults.
+        Backends override this to receive in place; the default copies."""
+        data = await self.get(key, len(out))
+        if len(data) != len(out):
+            raise SizeMismatchError(f"{key} in {self.url} is {len(data)} bytes, expected {len(out)}")
+        out[:] = data
 
     @abstractmethod
     async def put(self, key: str, data: Buffer) -> None:

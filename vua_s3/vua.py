@@ -18,7 +18,7 @@ from .errors import ObjectNotFoundError
 from .fragment import FragmentError, KVCache
 from .keys import fragment_key, group_digests, token_ids
 from .loop import BackgroundLoop, gather_or_cancel
-from .store import ObjectInfo, Store, open_store
+from .store import ObjectInfo, SizeMismatchError, Store, open_store
 
 log = logging.getLogger(__name__)
 
@@ -83,6 +83,98 @@ class _KnownPresent:
         self._entries.clear()
 
 
+class _BufferPool:
+    """Receive buffers kept for reuse.
+
+    Fresh memory costs a page fault per 4 KiB when first written (on the 2-core VM in
+    the README, ~1 s per GiB, as much as the transfer itself); reused memory does not.
+    Buffers are pinned when the destination is CUDA, so the host-to-device copy can run
+    asynchronously. At most ``keep`` idle buffers are kept per size class.
+    """
+
+    _GRAIN = 1 << 20  # fragments of one model differ by a few header bytes: one class
+
+    def __init__(self, keep: int) -> None:
+        self._keep = keep
+        self._free: dict[tuple[int, bool], list[torch.Tensor]] = {}
+
+    def take(self, size: int, pinned: bool) -> torch.Tensor:
+        capacity = -(-size // self._GRAIN) * self._GRAIN
+        free = self._free.get((capacity, pinned))
+        if free:
+            return free.pop()
+        return torch.empty(capacity, dtype=torch.uint8, pin_memory=pinned)
+
+    def give(self, buf: torch.Tensor, pinned: bool) -> None:
+        free = self._free.setdefault((buf.numel(), pinned), [])
+        if len(free) < self._keep:
+            free.append(buf)
+
+
+class _Assembly:
+    """One query's fragments, copied into one output tensor as each arrives.
+
+    Group 0 fixes the layout and allocates the output; later groups wait for it (their
+    downloads do not) and end the prefix if their layout differs. One copy per fragment
+    into the output: a non-blocking host-to-device copy from pinned memory for CUDA.
+    """
+
+    def __init__(self, groups: int, size: int, device: torch.device) -> None:
+        self._groups = groups
+        self._size = size
+        self._device = device
+        self._out: asyncio.Future[torch.Tensor | None] = asyncio.get_running_loop().create_future()
+
+    @property
+    def pinned(self) -> bool:
+        return self._device.type == "cuda"
+
+    def abandon(self) -> None:
+        """Group 0 is unusable: nothing after it can be used either."""
+        if not self._out.done():
+            self._out.set_result(None)
+
+    async def place(self, number: int, frag: fragment.Fragment) -> bool:
+        if number == 0:
+            layers, two, heads, _, head_dim = frag.kv.shape
+            shape = (layers, two, heads, self._size * self._groups, head_dim)
+            out = await asyncio.to_thread(torch.empty, shape, dtype=frag.kv.dtype, device=self._device)
+            self._out.set_result(out)
+        else:
+            found = await asyncio.shield(self._out)
+            if found is None:
+                return False
+            out = found
+            if frag.kv.dtype != out.dtype or [*frag.kv.shape[:3], frag.kv.size(4)] != [*out.shape[:3], out.size(4)]:
+                log.warning(
+                    "fragment layout changes at group %d (%s %s -> %s %s); prefix ends there",
+                    number,
+                    out.dtype,
+                    [*out.shape[:3], self._size, out.size(4)],
+                    frag.kv.dtype,
+                    list(frag.kv.shape),
+                )
+                return False
+        await asyncio.to_thread(self._copy, out, number, frag.kv)
+        return True
+
+    def _copy(self, out: torch.Tensor, number: int, kv: torch.Tensor) -> None:
+        target = out[:, :, :, number * self._size : (number + 1) * self._size]
+        if out.device.type == "cuda":  # untested here: no GPU on the development machines
+            target.copy_(kv, non_blocking=True)
+            torch.cuda.current_stream(out.device).synchronize()  # the pinned buffer goes back to the pool after this
+        else:
+            target.copy_(kv)
+
+    def result(self, usable: int) -> KVData:
+        """Per-layer ``(K, V)`` views of the output, cut to the first ``usable`` groups."""
+        out = self._out.result()
+        assert out is not None
+        if usable < self._groups:
+            out = out[:, :, :, : usable * self._size].contiguous()
+        return [(out[layer, 0].unsqueeze(0), out[layer, 1].unsqueeze(0)) for layer in range(out.size(0))]
+
+
 class AsyncVUA:
     """The async core. Every verb is a coroutine; use one object from one event loop."""
 
@@ -105,6 +197,7 @@ class AsyncVUA:
         self._max_inflight = max_inflight
         self._limits: dict[asyncio.AbstractEventLoop, asyncio.Semaphore] = {}
         self._known = _KnownPresent()
+        self._pool = _BufferPool(keep=max_inflight)
 
     def config(self) -> VUAConfig:
         """The configuration this cache was opened with."""
@@ -207,32 +300,63 @@ class AsyncVUA:
         hits = _leading_hits(await self._probe([g.key for g in groups]))
         if not hits:
             return None
-        fragments = await gather_or_cancel(
-            *(self._load(group, info, ids) for group, info in zip(groups, hits, strict=False))
+        assembly = _Assembly(len(hits), self._config.split_factor, device)
+        loaded = await gather_or_cancel(
+            *(self._load(group, info, ids, assembly) for group, info in zip(groups, hits, strict=False))
         )
-        usable = _consistent_prefix(fragments)
+        usable = next((i for i, ok in enumerate(loaded) if not ok), len(loaded))
         if not usable:
             return None
-        length = len(usable) * self._config.split_factor
-        data = await asyncio.to_thread(_assemble, usable, device)
-        return ClosestKV(tokens=trimmed[:length].to(device), data=data)
+        data = await asyncio.to_thread(assembly.result, usable)
+        return ClosestKV(tokens=trimmed[: usable * self._config.split_factor].to(device), data=data)
 
-    async def _load(self, group: _Group, info: ObjectInfo, ids: torch.Tensor) -> fragment.Fragment | None:
-        """Fetch and check one fragment; ``None`` (logged) if it cannot be used."""
+    async def _load(self, group: _Group, info: ObjectInfo, ids: torch.Tensor, assembly: _Assembly) -> bool:
+        """Fetch, check and place one fragment; ``False`` (logged) if it cannot be used."""
+        placed = False
         async with self._limit():
+            fetched = await self._fetch(group.key, info.size, assembly.pinned)
             try:
-                buf = await self._store.get(group.key, info.size)
-            except ObjectNotFoundError:
-                self._known.discard(group.key)
-                log.info("fragment %s vanished after the probe (expired or deleted)", group.key)
-                return None
+                if fetched is None:
+                    return False
+                try:
+                    frag = await asyncio.to_thread(fragment.decode, fetched[1])
+                    self._check(frag, group, ids)
+                except FragmentError as exc:
+                    log.warning("fragment %s in %s is unusable, treated as a miss: %s", group.key, self._store.url, exc)
+                    return False
+                placed = await assembly.place(group.number, frag)
+                return placed
+            finally:
+                if group.number == 0 and not placed:
+                    assembly.abandon()
+                if fetched is not None:
+                    self._pool.give(fetched[0], assembly.pinned)
+
+    async def _fetch(self, key: str, size: int, pinned: bool) -> tuple[torch.Tensor, memoryview] | None:
+        """The object in a pooled buffer, or ``None`` (logged) if it is gone. If its size is
+        not the probe's (a remembered probe, rewritten since), it is probed once more."""
+        for attempt in range(2):
+            buf = self._pool.take(size, pinned)
+            view = buf.numpy().data[:size]
             try:
-                frag = await asyncio.to_thread(fragment.decode, buf)
-                self._check(frag, group, ids)
-            except FragmentError as exc:
-                log.warning("fragment %s in %s is unusable, treated as a miss: %s", group.key, self._store.url, exc)
+                await self._store.get_into(key, view)
+                return buf, view
+            except BaseException as exc:
+                self._pool.give(buf, pinned)
+                if not isinstance(exc, (ObjectNotFoundError, SizeMismatchError)):
+                    raise
+                self._known.discard(key)
+                if isinstance(exc, SizeMismatchError) and not attempt:
+                    info = (await self._store.head_many([key]))[0]
+                    if info is not None:
+                        size = info.size
+                        continue
+                if isinstance(exc, SizeMismatchError) and attempt:
+                    log.warning("fragment %s keeps changing size, treated as a miss: %s", key, exc)
+                else:
+                    log.info("fragment %s vanished after the probe (expired or deleted)", key)
                 return None
-            return frag
+        raise AssertionError("unreachable")
 
     def _check(self, frag: fragment.Fragment, group: _Group, ids: torch.Tensor) -> None:
         """Raise :class:`FragmentError` unless ``frag`` is exactly the group asked for."""
@@ -379,30 +503,3 @@ def _leading_hits(infos: Sequence[ObjectInfo | None]) -> list[ObjectInfo]:
             break
         hits.append(info)
     return hits
-
-
-def _consistent_prefix(fragments: Sequence[fragment.Fragment | None]) -> list[fragment.Fragment]:
-    """Fragments up to the first unusable one or the first whose layout differs from group 0."""
-    usable: list[fragment.Fragment] = []
-    for frag in fragments:
-        if frag is None:
-            break
-        if usable and (frag.kv.shape != usable[0].kv.shape or frag.kv.dtype != usable[0].kv.dtype):
-            log.warning(
-                "fragment layout changes at group %d (%s -> %s); prefix ends there",
-                len(usable),
-                list(usable[0].kv.shape),
-                list(frag.kv.shape),
-            )
-            break
-        usable.append(frag)
-    return usable
-
-
-def _assemble(fragments: Sequence[fragment.Fragment], device: torch.device) -> KVData:
-    """Concatenate fragments along the sequence into per-layer ``(K, V)`` on ``device``."""
-    layers, _, heads, size, head_dim = fragments[0].kv.shape
-    out = torch.empty((layers, 2, heads, size * len(fragments), head_dim), dtype=fragments[0].kv.dtype, device=device)
-    for index, frag in enumerate(fragments):
-        out[:, :, :, index * size : (index + 1) * size].copy_(frag.kv)
-    return [(out[layer, 0].unsqueeze(0), out[layer, 1].unsqueeze(0)) for layer in range(layers)]
