@@ -452,9 +452,7 @@ def format_report(report: dict[str, Any]) -> str:
         if mine not in vua_r:
             continue
         cpu = f"{vua_r[mine]['cpu_s_per_gib']['median']:.2f}/{floor_r[base]['cpu_s_per_gib']['median']:.2f}"
-        lines.append(
-            f"{label:<22}{_rate(vua_r[mine]):>34}{_rate(floor_r[base]):>34}{ratios[ratio]:>7.2f}x{cpu:>22}"
-        )
+        lines.append(f"{label:<22}{_rate(vua_r[mine]):>34}{_rate(floor_r[base]):>34}{ratios[ratio]:>7.2f}x{cpu:>22}")
     head = _latency(floor_r["head"])
     for label, mine, ratio in [
         ("put (already stored)", "put_stored", "put_stored_vs_head"),

@@ -1,0 +1,63 @@
+"""``vua-s3 bench`` in a tiny configuration: it runs end to end and reports every figure.
+
+No timing assertions: speed is the bench's output, not a test's verdict.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from conftest import unique_prefix
+
+from vua_s3.cli import main
+
+FIGURE = {"seconds", "requests"}
+RATE = {"gib_per_s", "cpu_s_per_gib"}
+
+
+@pytest.mark.parametrize("server", ["moto", "seaweedfs"])
+def test_bench_json_has_every_figure_beside_its_floor(server: str, capsys, request) -> None:  # type: ignore[no-untyped-def]
+    """moto: the server the bench starts itself; SeaweedFS: the session's, given by URL."""
+    where = ["--server", "moto"]
+    if server == "seaweedfs":
+        where = ["--url", request.getfixturevalue("seaweed_server").url(unique_prefix())]
+    argv = ["bench", *where, "--model", "tiny", "--tokens", "64", "--split-factor", "16"]
+    assert main([*argv, "--repeats", "2", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+
+    assert report["groups"] == 4 and report["tokens"] == 64 and report["repeats"] == 2
+    assert report["shape"] == {"name": "tiny", "layers": 2, "kv_heads": 2, "head_dim": 16, "dtype": "BF16"}
+    vua, floor = report["vua"], report["floor"]
+    for name in ("put_cold", "get_cpu"):
+        assert FIGURE | RATE <= set(vua[name])
+        assert len(vua[name]["seconds"]["samples"]) == 2
+        stat = vua[name]["gib_per_s"]
+        assert 0 < stat["min"] <= stat["median"] <= stat["max"]
+    for name in ("put", "get_cpu"):
+        assert FIGURE | RATE <= set(floor[name])
+    assert set(floor["head"]) >= FIGURE
+    for name in ("put_stored", "put_stored_cached", "lookup_full", "lookup_half", "lookup_miss"):
+        assert FIGURE <= set(vua[name])
+    # An already-stored prompt is probe-only: HEADs (none when this process just stored it).
+    assert vua["put_stored"]["requests"] == {"HeadObject": 4}
+    assert vua["put_stored_cached"]["requests"] == {}
+    assert vua["lookup_miss"]["requests"] == {"HeadObject": 4}
+    assert vua["put_cold"]["requests"]["PutObject"] == 4
+    assert report["checks"] == {
+        "put_written": 4,
+        "reput_written": 0,
+        "get_cpu_tokens": 64,
+        "lookup_full": 64,
+        "lookup_half": 32,
+        "lookup_miss": 0,
+    }
+    assert set(report["ratios"]) >= {"put_vs_floor", "get_cpu_vs_floor", "lookup_full_vs_head", "lookup_miss_vs_head"}
+
+
+def test_bench_table_names_the_floor(capsys) -> None:  # type: ignore[no-untyped-def]
+    argv = ["bench", "--server", "moto", "--model", "tiny", "--tokens", "32", "--split-factor", "16"]
+    assert main([*argv, "--repeats", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "floor (plain aioboto3)" in out and "get_closest -> cpu" in out and "lookup (miss)" in out
+    assert "machine:" in out
