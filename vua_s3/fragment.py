@@ -6,8 +6,8 @@ Layout (readable by ``safetensors.torch.load``)::
     kv      <dtype> [layers, 2, heads, S, head_dim]   K (index 0) and V (index 1)
     __metadata__: format, version, namespace, split_factor, group, digest, parent, crc32
 
-Encoding writes straight from the caller's tensors into one preallocated buffer
-(the request body); decoding returns views into the received buffer. ``crc32``
+Encoding gives the header and views of the caller's tensors (sent as they are, no
+serialization copy); decoding returns views into the received buffer. ``crc32``
 covers the data section, so flipped bytes are caught even where the transport
 checks nothing.
 """
@@ -41,8 +41,6 @@ _DTYPE_NAMES: dict[torch.dtype, str] = {
     torch.uint8: "U8",
 }
 _DTYPES = {name: dtype for dtype, name in _DTYPE_NAMES.items()}
-_CRC_FIELD = b'"crc32":"%s"'  # patched in place once the data is written
-_CRC_PENDING = b"00000000"
 _HEADER_ALIGN = 8
 
 KVCache = Sequence[tuple[torch.Tensor, torch.Tensor]]
@@ -77,34 +75,62 @@ def encode(
     metadata: dict[str, str],
 ) -> bytearray:
     """Serialize tokens ``[start, start+len(tokens))`` of batch row ``row`` into one buffer."""
+    return bytearray().join(encode_segments(kvcache, row, start, tokens, metadata))
+
+
+def encode_segments(
+    kvcache: KVCache,
+    row: int,
+    start: int,
+    tokens: torch.Tensor,
+    metadata: dict[str, str],
+) -> list[memoryview]:
+    """The fragment of tokens ``[start, start+len(tokens))`` of row ``row``, as the buffers
+    that make up the object in order: the header, then the data as views of the caller's
+    tensors wherever their memory is already laid out as the fragment's (one view per
+    layer, K or V, and head in the usual ``[b, heads, n, head_dim]`` layout), so nothing is
+    copied before the bytes go out. Other layouts and device tensors are staged through
+    one contiguous host copy per layer and K or V. The views are valid while the caller's
+    tensors are unchanged.
+    """
     num_tokens = tokens.numel()
     first_key = kvcache[0][0]
     heads, head_dim, dtype = first_key.size(1), first_key.size(3), first_key.dtype
     kv_shape = [len(kvcache), 2, heads, num_tokens, head_dim]
     tokens_bytes = num_tokens * 8
     kv_bytes = kv_shape[0] * 2 * heads * num_tokens * head_dim * first_key.element_size()
+    end = start + num_tokens
+    data = [_bytes(tokens.to("cpu", torch.int64))]
+    for keys, values in kvcache:
+        for source in (keys, values):
+            data.extend(_views(source[row, :, start:end, :]))
+    crc = 0
+    for segment in data:
+        crc = zlib.crc32(segment, crc)
     header = {
         "tokens": {"dtype": "I64", "shape": [num_tokens], "data_offsets": [0, tokens_bytes]},
         "kv": {"dtype": dtype_name(dtype), "shape": kv_shape, "data_offsets": [tokens_bytes, tokens_bytes + kv_bytes]},
-        "__metadata__": {**metadata, "format": FORMAT, "version": VERSION, "crc32": _CRC_PENDING.decode()},
+        "__metadata__": {**metadata, "format": FORMAT, "version": VERSION, "crc32": f"{crc:08x}"},
     }
     header_bytes = json.dumps(header, separators=(",", ":")).encode()
     header_bytes += b" " * (-len(header_bytes) % _HEADER_ALIGN)
-    data_start = 8 + len(header_bytes)
-    buf = bytearray(data_start + tokens_bytes + kv_bytes)
-    struct.pack_into("<Q", buf, 0, len(header_bytes))
-    torch.frombuffer(buf, dtype=torch.int64, offset=data_start, count=num_tokens).copy_(tokens)
-    kv = torch.frombuffer(
-        buf, dtype=dtype, offset=data_start + tokens_bytes, count=kv_bytes // first_key.element_size()
-    )
-    kv = kv.view(kv_shape)
-    end = start + num_tokens
-    for layer, (keys, values) in enumerate(kvcache):
-        kv[layer, 0].copy_(keys[row, :, start:end, :])
-        kv[layer, 1].copy_(values[row, :, start:end, :])
-    crc = b"%08x" % zlib.crc32(memoryview(buf)[data_start:])
-    buf[8:data_start] = header_bytes.replace(_CRC_FIELD % _CRC_PENDING, _CRC_FIELD % crc, 1)
-    return buf
+    return [memoryview(struct.pack("<Q", len(header_bytes)) + header_bytes), *data]
+
+
+def _bytes(tensor: torch.Tensor) -> memoryview:
+    """The bytes of a contiguous CPU tensor, without a copy (keeps the tensor alive)."""
+    return tensor.contiguous().reshape(-1).view(torch.uint8).numpy().data
+
+
+def _views(block: torch.Tensor) -> list[memoryview]:
+    """``block`` ([heads, S, head_dim]) as few byte views as its memory allows."""
+    if block.device.type != "cpu":
+        return [_bytes(block.to("cpu"))]
+    if block.is_contiguous():
+        return [_bytes(block)]
+    if all(head.is_contiguous() for head in block):
+        return [_bytes(head) for head in block]
+    return [_bytes(block.contiguous())]
 
 
 def decode(buf: bytearray | memoryview) -> Fragment:

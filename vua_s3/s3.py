@@ -26,6 +26,8 @@ from urllib.parse import parse_qsl, urlsplit
 
 import aioboto3
 import aiohttp
+from aiohttp.abc import AbstractStreamWriter
+from aiohttp.payload import Payload
 from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError
 
@@ -167,34 +169,73 @@ _SETTING_PARSERS: dict[str, Callable[[str], Any]] = {
 assert set(_SETTING_PARSERS) == {f.name for f in fields(S3Settings)}
 
 
-class _BufferReader(io.RawIOBase):
-    """A seekable read-only file over a memoryview: lets botocore send a slice (a
-    multipart part) without copying it first, and rewind it on a retry."""
+class _SegmentBody(Payload):
+    """A request body sent straight from many buffers (views of tensor memory): no join.
 
-    def __init__(self, view: memoryview) -> None:
-        super().__init__()
-        self._view = view
-        self._pos = 0
+    aiohttp writes it segment by segment; to botocore it is a seekable file (which it
+    measures, and over plain HTTP hashes for the signature, then rewinds on a retry).
+    aiohttp's file payloads would instead read it in 256 KiB copies, each on a thread.
+    """
 
-    def readable(self) -> bool:
-        return True
+    def __init__(self, segments: Sequence[memoryview]) -> None:
+        super().__init__(segments, content_type="application/octet-stream")
+        self._segments = [s.cast("B") if s.format != "B" or s.ndim != 1 else s for s in segments]
+        self._length = sum(len(s) for s in self._segments)
+        self._size = self._length  # aiohttp's Content-Length
+        self._index = 0  # read position: segment, and offset in it
+        self._offset = 0
 
-    def seekable(self) -> bool:
-        return True
+    def __len__(self) -> int:
+        return self._length
 
-    def readinto(self, buffer: Any) -> int:
-        chunk = self._view[self._pos : self._pos + len(buffer)]
-        buffer[: len(chunk)] = chunk
-        self._pos += len(chunk)
-        return len(chunk)
-
-    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
-        base = {io.SEEK_SET: 0, io.SEEK_CUR: self._pos, io.SEEK_END: len(self._view)}[whence]
-        self._pos = max(0, base + offset)
-        return self._pos
+    def read(self, amt: int = -1) -> memoryview | bytes:
+        """Up to ``amt`` bytes from one segment (short reads are allowed), ``b""`` at the end."""
+        while self._index < len(self._segments) and self._offset >= len(self._segments[self._index]):
+            self._index, self._offset = self._index + 1, 0
+        if self._index == len(self._segments):
+            return b""
+        segment = self._segments[self._index]
+        stop = len(segment) if amt is None or amt < 0 else min(len(segment), self._offset + amt)
+        chunk = segment[self._offset : stop]
+        self._offset = stop
+        return chunk
 
     def tell(self) -> int:
-        return self._pos
+        return sum(len(s) for s in self._segments[: self._index]) + self._offset
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        target = {io.SEEK_SET: 0, io.SEEK_CUR: self.tell(), io.SEEK_END: self._length}[whence] + offset
+        self._index, self._offset = 0, max(0, target)
+        while self._index < len(self._segments) and self._offset > len(self._segments[self._index]):
+            self._offset -= len(self._segments[self._index])
+            self._index += 1
+        return self.tell()
+
+    def decode(self, encoding: str = "utf-8", errors: str = "strict") -> str:
+        return b"".join(self._segments).decode(encoding, errors)
+
+    async def write(self, writer: AbstractStreamWriter) -> None:
+        for segment in self._segments:
+            await writer.write(segment)
+
+    async def write_with_length(self, writer: AbstractStreamWriter, content_length: int | None) -> None:
+        remaining = self._length if content_length is None else content_length
+        for segment in self._segments:
+            if remaining <= 0:
+                break
+            await writer.write(segment[:remaining])
+            remaining -= len(segment)
+
+
+def _cut(segments: Sequence[memoryview], start: int, end: int) -> list[memoryview]:
+    """The views covering bytes ``[start, end)`` of the concatenation of ``segments``."""
+    out, position = [], 0
+    for segment in segments:
+        low, high = max(start - position, 0), min(end - position, len(segment))
+        if low < high:
+            out.append(segment[low:high])
+        position += len(segment)
+    return out
 
 
 async def _receive(body: Any, view: memoryview, name: str) -> None:
@@ -372,13 +413,19 @@ class S3Store(Store):
         await _receive(response["Body"], buf[start : start + length], name)
 
     async def put(self, key: str, data: Buffer) -> None:
-        name = self._object_key(key)
-        if len(data) <= self.settings.multipart_threshold:
-            await self._call("put_object", key, lambda c: c.put_object(Bucket=self.bucket, Key=name, Body=data))
-            return
-        await self._put_multipart(key, name, memoryview(data))
+        await self.put_segments(key, [memoryview(data)])
 
-    async def _put_multipart(self, key: str, name: str, data: memoryview) -> None:
+    async def put_segments(self, key: str, segments: Sequence[memoryview]) -> None:
+        name = self._object_key(key)
+        segments = [s.cast("B") if s.format != "B" or s.ndim != 1 else s for s in segments]
+        size = sum(len(s) for s in segments)
+        if size <= self.settings.multipart_threshold:
+            body: Any = _SegmentBody(segments) if size else b""
+            await self._call("put_object", key, lambda c: c.put_object(Bucket=self.bucket, Key=name, Body=body))
+            return
+        await self._put_multipart(key, name, segments, size)
+
+    async def _put_multipart(self, key: str, name: str, segments: list[memoryview], size: int) -> None:
         created = await self._call(
             "create_multipart_upload", key, lambda c: c.create_multipart_upload(Bucket=self.bucket, Key=name)
         )
@@ -387,8 +434,8 @@ class S3Store(Store):
         try:
             parts = await gather_or_cancel(
                 *(
-                    self._upload_part(key, name, upload_id, number, _BufferReader(data[start : start + step]))
-                    for number, start in enumerate(range(0, len(data), step), 1)
+                    self._upload_part(key, name, upload_id, number, _SegmentBody(_cut(segments, start, start + step)))
+                    for number, start in enumerate(range(0, size, step), 1)
                 )
             )
             await self._call(
@@ -411,7 +458,7 @@ class S3Store(Store):
             raise
 
     async def _upload_part(
-        self, key: str, name: str, upload_id: str, number: int, chunk: _BufferReader
+        self, key: str, name: str, upload_id: str, number: int, chunk: _SegmentBody
     ) -> dict[str, Any]:
         response = await self._call(
             "upload_part",

@@ -63,6 +63,11 @@ class Store(ABC):
     async def put(self, key: str, data: Buffer) -> None:
         """Store ``data`` under ``key`` atomically, replacing any previous object."""
 
+    async def put_segments(self, key: str, segments: Sequence[memoryview]) -> None:
+        """Store the concatenation of ``segments`` under ``key``, atomically like ``put``.
+        Backends override this to send the pieces without joining them; the default joins."""
+        await self.put(key, bytearray().join(segments))
+
     @abstractmethod
     async def head_many(self, keys: Sequence[str]) -> list[ObjectInfo | None]:
         """Probe many keys concurrently; ``None`` where a key does not exist."""

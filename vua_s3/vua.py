@@ -264,9 +264,11 @@ class AsyncVUA:
             "parent": group.parent.hex() if group.parent else "",
         }
         async with self._limit():
-            body = await asyncio.to_thread(fragment.encode, kvcache, row, start, ids[start : start + size], metadata)
-            await self._store.put(group.key, body)
-        self._known.add(ObjectInfo(key=group.key, size=len(body), last_modified=time.time()))
+            segments = await asyncio.to_thread(
+                fragment.encode_segments, kvcache, row, start, ids[start : start + size], metadata
+            )
+            await self._store.put_segments(group.key, segments)
+        self._known.add(ObjectInfo(key=group.key, size=sum(map(len, segments)), last_modified=time.time()))
 
     @overload
     async def get_closest(
