@@ -1,0 +1,135 @@
+"""The fast data path: bodies sent as views of tensor memory, pooled receive buffers,
+and the known-present cache that lets a probe skip its HEAD."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+
+import pytest
+import torch
+from conftest import assert_kv_equal, random_kvcache, unique_prefix
+
+from vua_s3 import VUA, VUAConfig, open_store
+from vua_s3 import fragment as fragment_format
+from vua_s3.s3 import _cut, _SegmentBody
+from vua_s3.store import Store
+
+CFG = VUAConfig(split_factor=16)
+TOKENS = torch.randint(0, 50_000, (64,), generator=torch.Generator().manual_seed(3))
+
+
+def segments_of(*chunks: bytes) -> list[memoryview]:
+    return [memoryview(c) for c in chunks]
+
+
+def test_segment_body_reads_seeks_and_measures_like_a_file() -> None:
+    body = _SegmentBody(segments_of(b"abc", b"", b"defgh", b"ij"))
+    assert len(body) == 10 and body.size == 10
+    assert bytes(body.read(2)) == b"ab"
+    assert bytes(body.read(100)) == b"c"  # short read at a segment's end
+    assert bytes(body.read()) == b"defgh"
+    assert body.tell() == 8
+    assert bytes(body.read()) == b"ij" and body.read() == b""
+    assert body.seek(4) == 4 and bytes(body.read(3)) == b"efg"
+    assert body.seek(0, io.SEEK_END) == 10 and body.read() == b""
+    body.seek(0)
+    assert b"".join(bytes(c) for c in iter(lambda: body.read(4), b"")) == b"abcdefghij"
+
+
+@pytest.mark.parametrize(("start", "end"), [(0, 10), (0, 3), (2, 7), (3, 8), (8, 10), (5, 5)])
+def test_cut_covers_exactly_the_range(start: int, end: int) -> None:
+    segments = segments_of(b"abc", b"defgh", b"ij")
+    assert b"".join(bytes(v) for v in _cut(segments, start, end)) == b"abcdefghij"[start:end]
+
+
+def test_fragment_segments_are_views_of_the_tensors_and_join_to_encode() -> None:
+    kv = random_kvcache(layers=2, seq_len=64, heads=3, head_dim=8, dtype=torch.bfloat16)
+    meta = {"namespace": "n", "split_factor": "16", "group": "1", "digest": "d", "parent": "p"}
+    segments = fragment_format.encode_segments(kv, 0, 16, TOKENS[16:32], meta)
+    whole = fragment_format.encode(kv, 0, 16, TOKENS[16:32], meta)
+    assert bytearray().join(segments) == whole
+    # header, tokens, then one view per layer x (K, V) x head straight over the caller's memory
+    assert len(segments) == 2 + 2 * 2 * 3
+    k0 = kv[0][0]
+    assert segments[2].obj is not None
+    assert torch.frombuffer(segments[2], dtype=torch.bfloat16).data_ptr() == k0[0, 0, 16].data_ptr()
+    frag = fragment_format.decode(whole)
+    assert torch.equal(frag.kv[1, 1].view(torch.uint8), kv[1][1][0, :, 16:32].contiguous().view(torch.uint8))
+
+
+def test_any_kv_layout_round_trips(location: str) -> None:
+    """Non-contiguous K/V (a transposed view) go through the staging copy, bit-exact."""
+    base = random_kvcache(layers=2, seq_len=64, heads=4, head_dim=8)
+    transposed = [(k.transpose(1, 2).contiguous().transpose(1, 2), v[:, :, :, :].clone()) for k, v in base]
+    assert not transposed[0][0][0, :, 0:16].is_contiguous()
+    with VUA(CFG, location) as vua:
+        assert vua.put(TOKENS, transposed) == 4
+        res = vua.get_closest(TOKENS)
+    assert res is not None
+    assert_kv_equal(res.data, base)
+
+
+class CountingHeads:
+    """Wraps a store's head_many to count the keys it probes."""
+
+    def __init__(self, store: Store) -> None:
+        self.keys = 0
+        original = store.head_many
+
+        async def head_many(keys):  # type: ignore[no-untyped-def]
+            self.keys += len(keys)
+            return await original(keys)
+
+        store.head_many = head_many  # type: ignore[method-assign]
+
+
+def test_known_present_keys_skip_the_probe_and_vanished_ones_are_forgotten(location: str) -> None:
+    kv = random_kvcache(seq_len=64)
+    with VUA(CFG, location) as vua:
+        heads = CountingHeads(vua.store)
+        assert vua.put(TOKENS, kv) == 4
+        assert heads.keys == 4  # the cold put probed every group once
+        assert vua.put(TOKENS, kv) == 0
+        assert vua.lookup(TOKENS) == 64
+        assert heads.keys == 4  # stored by this object moments ago: no HEAD needed
+
+        keys = CFG.tokens_to_paths(TOKENS)
+
+        async def delete() -> None:
+            other = open_store(location)
+            try:
+                await other.delete(keys[2])
+            finally:
+                await other.close()
+
+        asyncio.run(delete())
+        res = vua.get_closest(TOKENS)  # trusts the cache, finds group 2 gone: the prefix ends there
+        assert res is not None and res.tokens.numel() == 32
+        assert_kv_equal(res.data, [(k[:, :, :32], v[:, :, :32]) for k, v in kv])
+        assert vua.lookup(TOKENS) == 32  # group 2 was forgotten and probed again
+        assert vua.put(TOKENS, kv) == 1  # and a put writes it back
+        assert vua.lookup(TOKENS) == 64
+
+
+def test_misses_are_never_cached(location: str) -> None:
+    kv = random_kvcache(seq_len=64)
+    with VUA(CFG, location) as reader, VUA(CFG, location) as writer:
+        assert reader.lookup(TOKENS) == 0
+        writer.put(TOKENS, kv)
+        assert reader.lookup(TOKENS) == 64
+
+
+def test_receive_buffers_are_reused_across_reads(moto_server) -> None:  # type: ignore[no-untyped-def]
+    kv = random_kvcache(layers=4, seq_len=64, heads=4, head_dim=64)
+    with VUA(CFG, moto_server.url(unique_prefix()), max_inflight=2) as vua:
+        vua.put(TOKENS, kv)
+        pool = vua._async._pool
+        first = vua.get_closest(TOKENS)
+        kept = {b.data_ptr() for free in pool._free.values() for b in free}
+        assert 0 < len(kept) <= 2  # at most max_inflight idle buffers
+        second = vua.get_closest(TOKENS)
+        assert {b.data_ptr() for free in pool._free.values() for b in free} == kept
+    assert first is not None and second is not None
+    assert_kv_equal(second.data, kv)
+    assert_kv_equal(first.data, kv)  # results own their memory: reusing the buffers left them intact
