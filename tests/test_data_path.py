@@ -6,13 +6,15 @@ from __future__ import annotations
 import asyncio
 import io
 
+import aioboto3
 import pytest
 import torch
 from conftest import assert_kv_equal, random_kvcache, unique_prefix
 
 from vua_s3 import VUA, VUAConfig, open_store
 from vua_s3 import fragment as fragment_format
-from vua_s3.s3 import _cut, _SegmentBody
+from vua_s3.embedded import free_port
+from vua_s3.s3 import S3Store, _cut, _SegmentBody
 from vua_s3.store import Store
 
 CFG = VUAConfig(split_factor=16)
@@ -133,3 +135,35 @@ def test_receive_buffers_are_reused_across_reads(moto_server) -> None:  # type: 
     assert first is not None and second is not None
     assert_kv_equal(second.data, kv)
     assert_kv_equal(first.data, kv)  # results own their memory: reusing the buffers left them intact
+
+
+def test_heads_go_direct_and_fall_back_to_botocore(location: str) -> None:
+    """Probes skip botocore's pipeline; when the direct path fails, botocore answers instead."""
+    if not location.startswith("s3://"):
+        pytest.skip("S3 only")
+    kv = random_kvcache(seq_len=32)
+    botocore_heads = []
+    session = aioboto3.Session()
+    session.events.register("before-call.s3.HeadObject", lambda **_: botocore_heads.append(1))
+    store = S3Store.from_url(location, session=session)
+    with VUA(CFG, store) as vua:
+        vua.put(TOKENS[:32], kv)
+        vua._async._known.clear()
+        assert vua.lookup(TOKENS) == 32
+        assert botocore_heads == [] and store.requests["head_object"] == 6
+
+        async def break_direct_path() -> None:
+            lc = await store._client()
+            assert lc.direct is not None and lc.direct.enabled
+            lc.direct._base = f"http://127.0.0.1:{free_port()}/nothing-listens/"
+
+        vua._loop.run(break_direct_path())
+        vua._async._known.clear()
+        assert vua.lookup(TOKENS) == 32  # same answer, from botocore
+        assert len(botocore_heads) >= 1
+
+        async def direct_enabled() -> bool:
+            lc = await store._client()
+            return lc.direct is not None and lc.direct.enabled
+
+        assert not vua._loop.run(direct_enabled())  # turned off after the connection failure

@@ -18,18 +18,25 @@ import asyncio
 import contextlib
 import io
 import logging
+import os
 import re
+import ssl
+from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, fields, replace
+from email.utils import parsedate_to_datetime
 from typing import Any, TypeVar
-from urllib.parse import parse_qsl, urlsplit
+from urllib.parse import parse_qsl, quote, urlsplit
 
 import aioboto3
 import aiohttp
 from aiohttp.abc import AbstractStreamWriter
 from aiohttp.payload import Payload
+from botocore.auth import S3SigV4Auth
+from botocore.awsrequest import AWSRequest
 from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError
+from yarl import URL
 
 from .errors import AccessDeniedError, InvalidLocationError, ObjectNotFoundError, StoreError
 from .loop import gather_or_cancel
@@ -265,13 +272,71 @@ async def _receive(body: Any, view: memoryview, name: str) -> None:
         raise StoreError(f"reading {name} failed after {filled} of {length} bytes: {failure}") from None
 
 
-class _LoopClient:
-    """The client, its context and the request limit that belong to one event loop."""
+class _AskBotocore(Exception):
+    """The direct HEAD got no clear answer: ask again through botocore."""
 
-    def __init__(self, context: Any, client: Any, limit: asyncio.Semaphore) -> None:
+
+class _DirectHead:
+    """HEADs sent with aiohttp and signed with botocore's SigV4 signer, without botocore's
+    per-call pipeline: that costs ~3 ms of CPU per call on the reference VM, and a wave of
+    HEADs runs on one loop thread (16 took ~60 ms that way, ~20 ms this way; README).
+
+    Only clear answers are taken (200: present, 404: absent). Anything else (403, a
+    redirect, a 5xx, a connection error) is asked again through botocore, which owns
+    retries, redirects and error reporting; a connection error also turns this path off.
+    """
+
+    _PROXY_VARIABLES = ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "http_proxy", "https_proxy", "all_proxy")
+
+    def __init__(self, base_url: str, region: str, credentials: Any, settings: S3Settings) -> None:
+        self._base = base_url.rstrip("/") + "/"
+        self._region = region
+        self._credentials = credentials
+        ssl_context: ssl.SSLContext | bool = False
+        if settings.verify:
+            ssl_context = ssl.create_default_context(cafile=settings.ca_bundle)
+        self._http = aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(limit=settings.concurrency, ssl=ssl_context),
+            timeout=aiohttp.ClientTimeout(sock_connect=settings.connect_timeout, sock_read=settings.read_timeout),
+            auto_decompress=False,
+        )
+        self.enabled = True
+
+    @classmethod
+    def usable(cls) -> bool:
+        """Not through a proxy: botocore's proxy handling stays in charge there."""
+        return not any(os.environ.get(name) for name in cls._PROXY_VARIABLES)
+
+    async def head(self, name: str) -> tuple[int, float] | None:
+        """``(size, last_modified)``, ``None`` if absent; raises :class:`_AskBotocore` otherwise."""
+        url = self._base + quote(name, safe="/~")
+        request = AWSRequest(method="HEAD", url=url)
+        S3SigV4Auth(await self._credentials.get_frozen_credentials(), "s3", self._region).add_auth(request)
+        try:
+            async with self._http.head(URL(url, encoded=True), headers=dict(request.headers.items())) as response:
+                if response.status == 404:
+                    return None
+                if response.status != 200:
+                    raise _AskBotocore
+                modified = parsedate_to_datetime(response.headers["Last-Modified"]).timestamp()
+                return int(response.headers["Content-Length"]), modified
+        except (aiohttp.ClientError, asyncio.TimeoutError, KeyError, ValueError, TypeError):
+            self.enabled = False
+            log.info("direct HEADs turned off after a failure; HEADs go through botocore", exc_info=True)
+            raise _AskBotocore from None
+
+    async def close(self) -> None:
+        await self._http.close()
+
+
+class _LoopClient:
+    """The client, its context, the request limit and the direct HEAD path of one event loop."""
+
+    def __init__(self, context: Any, client: Any, limit: asyncio.Semaphore, direct: _DirectHead | None) -> None:
         self.context = context
         self.client = client
         self.limit = limit
+        self.direct = direct
 
 
 class S3Store(Store):
@@ -294,6 +359,8 @@ class S3Store(Store):
         self._session = session or aioboto3.Session(profile_name=self.settings.profile)
         self._clients: dict[asyncio.AbstractEventLoop, _LoopClient] = {}
         self._client_lock: dict[asyncio.AbstractEventLoop, asyncio.Lock] = {}
+        self.requests: Counter[str] = Counter()
+        """Requests made, by S3 operation (retries not counted): for benchmarks and diagnostics."""
 
     @classmethod
     def from_url(cls, url: str, *, session: aioboto3.Session | None = None) -> S3Store:
@@ -331,6 +398,10 @@ class S3Store(Store):
                 config=s.botocore_config(),
             )
             client = await context.__aenter__()
+            bucket_urls: list[str] = []
+            client.meta.events.register(
+                "before-send.s3.HeadBucket", lambda request, **_: bucket_urls.append(request.url)
+            )
             try:
                 await client.head_bucket(Bucket=self.bucket)
             except BaseException as exc:
@@ -338,7 +409,12 @@ class S3Store(Store):
                 if isinstance(exc, (ClientError, BotoCoreError)):
                     raise self._error(exc, "head_bucket", "") from None
                 raise
-            found = _LoopClient(context, client, asyncio.Semaphore(s.concurrency))
+            direct = None
+            credentials = await self._session.get_credentials()
+            if bucket_urls and credentials is not None and _DirectHead.usable():
+                # The bucket's URL as botocore resolved it (endpoint, addressing, region).
+                direct = _DirectHead(bucket_urls[-1], client.meta.region_name, credentials, s)
+            found = _LoopClient(context, client, asyncio.Semaphore(s.concurrency), direct)
             self._clients[loop] = found
             return found
 
@@ -368,6 +444,7 @@ class S3Store(Store):
     async def _call(self, operation: str, key: str, request: Callable[[Any], Awaitable[_T]]) -> _T:
         """Run one request under the store's concurrency limit, mapping its errors."""
         lc = await self._client()
+        self.requests[operation] += 1
         async with lc.limit:
             try:
                 return await request(lc.client)
@@ -475,6 +552,16 @@ class S3Store(Store):
         return await gather_or_cancel(*(self._head(key) for key in keys))
 
     async def _head(self, key: str) -> ObjectInfo | None:
+        lc = await self._client()
+        if lc.direct is not None and lc.direct.enabled:
+            self.requests["head_object"] += 1
+            async with lc.limit:
+                try:
+                    found = await lc.direct.head(self._object_key(key))
+                except _AskBotocore:
+                    pass
+                else:
+                    return None if found is None else ObjectInfo(key=key, size=found[0], last_modified=found[1])
         try:
             response = await self._call(
                 "head_object", key, lambda c: c.head_object(Bucket=self.bucket, Key=self._object_key(key))
@@ -509,3 +596,5 @@ class S3Store(Store):
         for owner, lc in clients.items():
             if owner is loop:
                 await lc.context.__aexit__(None, None, None)
+                if lc.direct is not None:
+                    await lc.direct.close()
