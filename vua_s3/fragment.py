@@ -128,9 +128,14 @@ def _views(block: torch.Tensor) -> list[memoryview]:
         return [_bytes(block.to("cpu"))]
     if block.is_contiguous():
         return [_bytes(block)]
-    if all(head.is_contiguous() for head in block):
-        return [_bytes(head) for head in block]
-    return [_bytes(block.contiguous())]
+    heads, tokens, head_dim = block.shape
+    if block.stride(2) != 1 or block.stride(1) != head_dim:
+        return [_bytes(block.contiguous())]
+    # Each head's [S, head_dim] is contiguous: slice one view of the whole storage.
+    memory = torch.empty(0, dtype=torch.uint8).set_(block.untyped_storage()).numpy().data
+    item = block.element_size()
+    first, step, length = block.storage_offset() * item, block.stride(0) * item, tokens * head_dim * item
+    return [memory[first + h * step : first + h * step + length] for h in range(heads)]
 
 
 def decode(buf: bytearray | memoryview) -> Fragment:
