@@ -14,16 +14,17 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
+HIDDEN, INTERMEDIATE, LAYERS, HEADS, KV_HEADS, HEAD_DIM, VOCAB = 128, 256, 2, 4, 2, 32, 512
 CONFIG = {
     "architectures": ["LlamaForCausalLM"],
     "model_type": "llama",
-    "hidden_size": 128,
-    "intermediate_size": 256,
-    "num_hidden_layers": 2,
-    "num_attention_heads": 4,
-    "num_key_value_heads": 2,
-    "head_dim": 32,
-    "vocab_size": 512,
+    "hidden_size": HIDDEN,
+    "intermediate_size": INTERMEDIATE,
+    "num_hidden_layers": LAYERS,
+    "num_attention_heads": HEADS,
+    "num_key_value_heads": KV_HEADS,
+    "head_dim": HEAD_DIM,
+    "vocab_size": VOCAB,
     "max_position_embeddings": 1024,
     "rms_norm_eps": 1e-5,
     "rope_theta": 10000.0,
@@ -36,21 +37,18 @@ CONFIG = {
 
 def write_tiny_llama(directory: Path, seed: int = 0) -> Path:
     """Create the checkpoint in ``directory`` and return it."""
-    c = CONFIG
     gen = torch.Generator().manual_seed(seed)
-    hidden, inter, heads, kv_heads, dim = (
-        c["hidden_size"], c["intermediate_size"], c["num_attention_heads"], c["num_key_value_heads"], c["head_dim"],
-    )  # fmt: skip
+    hidden, inter, heads, kv_heads, dim = HIDDEN, INTERMEDIATE, HEADS, KV_HEADS, HEAD_DIM
 
     def rand(*shape: int) -> torch.Tensor:
-        return torch.randn(*shape, generator=gen) / shape[-1] ** 0.5
+        return torch.randn(*shape, generator=gen).div(float(shape[-1]) ** 0.5)
 
     tensors = {
-        "model.embed_tokens.weight": torch.randn(c["vocab_size"], hidden, generator=gen),
+        "model.embed_tokens.weight": torch.randn(VOCAB, hidden, generator=gen),
         "model.norm.weight": torch.ones(hidden),
-        "lm_head.weight": rand(c["vocab_size"], hidden),
+        "lm_head.weight": rand(VOCAB, hidden),
     }
-    for i in range(c["num_hidden_layers"]):
+    for i in range(LAYERS):
         p = f"model.layers.{i}."
         tensors |= {
             p + "self_attn.q_proj.weight": rand(heads * dim, hidden) * 4,
@@ -64,7 +62,7 @@ def write_tiny_llama(directory: Path, seed: int = 0) -> Path:
             p + "post_attention_layernorm.weight": torch.ones(hidden),
         }
     directory.mkdir(parents=True, exist_ok=True)
-    (directory / "config.json").write_text(json.dumps(c, indent=1))
+    (directory / "config.json").write_text(json.dumps(CONFIG, indent=1))
     save_file({k: v.contiguous() for k, v in tensors.items()}, directory / "model.safetensors")
     return directory
 

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import hashlib
 import json
 import logging
@@ -62,6 +63,7 @@ if TYPE_CHECKING:
     from vllm.v1.core.kv_cache_manager import KVCacheBlocks
     from vllm.v1.core.sched.output import SchedulerOutput
     from vllm.v1.kv_cache_interface import KVCacheConfig
+    from vllm.v1.outputs import KVConnectorOutput
     from vllm.v1.request import Request
 
 # A child of vLLM's logger, so messages share its handlers and format.
@@ -95,9 +97,13 @@ class ConnectorSettings:
         known = set(cls.__dataclass_fields__)
         unknown = sorted(set(extra) - known)
         if unknown:
-            raise ValueError(f"{CONNECTOR_NAME}: unknown kv_connector_extra_config keys {unknown}; known: {sorted(known)}")
+            raise ValueError(
+                f"{CONNECTOR_NAME}: unknown kv_connector_extra_config keys {unknown}; known: {sorted(known)}"
+            )
         if not extra.get("url"):
-            raise ValueError(f'{CONNECTOR_NAME} needs kv_connector_extra_config {{"url": "s3://bucket/prefix"}} (or a path)')
+            raise ValueError(
+                f'{CONNECTOR_NAME} needs kv_connector_extra_config {{"url": "s3://bucket/prefix"}} (or a path)'
+            )
         settings = cls(**extra)
         for name in ("split_factor", "max_inflight", "max_pending_saves"):
             value = getattr(settings, name)
@@ -438,6 +444,18 @@ class VUAS3Connector(KVConnectorBase_V1):  # type: ignore[misc]
         )
         tracked.done = end
 
+    def update_connector_output(self, connector_output: KVConnectorOutput) -> None:
+        """Blocks whose load failed are recomputed by vLLM; save them again as they are,
+        so a corrupt or lost object is replaced instead of failing every later load."""
+        invalid = connector_output.invalid_block_ids
+        if not invalid:
+            return
+        split = self._settings.split_factor
+        for tracked in self._lookups.values():
+            bad = [i for i, block in enumerate(tracked.block_ids) if block in invalid]
+            if bad:
+                tracked.done = min(tracked.done, bad[0] * self._block_size // split * split)
+
     def request_finished(self, request: Request, block_ids: list[int]) -> tuple[bool, dict[str, Any] | None]:
         """Forget the request. Its blocks can be freed at once: saves copy their K/V out
         of the paged cache during the step that completes them."""
@@ -455,7 +473,8 @@ class VUAS3Connector(KVConnectorBase_V1):  # type: ignore[misc]
         from vllm.model_executor.models.utils import extract_layer_index
 
         config = self._vllm_config
-        namespace = derive_namespace(config, self._settings, get_tensor_model_parallel_rank(), get_pp_group().rank_in_group)
+        tp_rank, pp_rank = get_tensor_model_parallel_rank(), get_pp_group().rank_in_group
+        namespace = derive_namespace(config, self._settings, tp_rank, pp_rank)
         self._vua = self._open(namespace)
         head_size = config.model_config.get_head_size()
         layers = config.compilation_config.static_forward_context
@@ -491,7 +510,7 @@ class VUAS3Connector(KVConnectorBase_V1):  # type: ignore[misc]
         except Exception as exc:  # the loop itself is gone; treat every load as failed
             results = [exc] * len(meta.loads)
         loaded = 0
-        for spec, result in zip(meta.loads, results):
+        for spec, result in zip(meta.loads, results, strict=True):
             if isinstance(result, BaseException):
                 self._problems.report(f"load from {self._where}", result, "vLLM recomputes the affected tokens")
                 got = 0
@@ -521,7 +540,7 @@ class VUAS3Connector(KVConnectorBase_V1):  # type: ignore[misc]
         if len(data) != len(self._layers):
             raise ValueError(f"{CONNECTOR_NAME}: stored KV has {len(data)} layers, the model has {len(self._layers)}")
         kernel_bs = bs // self._ratio
-        for layer, (k, v) in zip(self._layers, data):
+        for layer, (k, v) in zip(self._layers, data, strict=True):
             heads, dim = layer.keys.size(1), layer.keys.size(3)
             for dst, src in ((layer.keys, k), (layer.values, v)):
                 paged = src[0, :, start:end].reshape(heads, -1, kernel_bs, dim).transpose(0, 1)
@@ -641,7 +660,7 @@ class VUAS3Connector(KVConnectorBase_V1):  # type: ignore[misc]
         with self._uploads_lock:
             pending = list(self._uploads)
         if pending:
-            done, not_done = concurrent.futures.wait(pending, timeout=self._settings.flush_timeout_s)
+            _, not_done = concurrent.futures.wait(pending, timeout=self._settings.flush_timeout_s)
             if not_done:
                 log.warning(
                     "%s: %d uploads still running after %.0f s at shutdown are abandoned",
@@ -664,7 +683,5 @@ def register() -> None:
     ``kv_connector_module_path``. Plugins load in every vLLM process, maybe twice."""
     from vllm.distributed.kv_transfer.kv_connector.factory import KVConnectorFactory
 
-    try:
+    with contextlib.suppress(ValueError):  # already registered in this process
         KVConnectorFactory.register_connector(CONNECTOR_NAME, __name__, CONNECTOR_NAME)
-    except ValueError:
-        pass  # already registered in this process
