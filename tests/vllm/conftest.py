@@ -11,7 +11,6 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from tiny_model import write_tiny_llama
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -35,5 +34,8 @@ def vllm_python() -> Path:
 
 
 @pytest.fixture(scope="session")
-def tiny_llama(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return write_tiny_llama(tmp_path_factory.mktemp("tiny-llama"))
+def tiny_llama(vllm_python: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Written by the vLLM venv, which has the numpy that safetensors' writer needs."""
+    directory = tmp_path_factory.mktemp("tiny-llama")
+    subprocess.run([str(vllm_python), str(Path(__file__).with_name("tiny_model.py")), str(directory)], check=True)
+    return directory

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import subprocess
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -135,7 +136,7 @@ def test_engines_share_kv_through_the_store(
         assert vua.put(torch.tensor(prompts[0][:STORED]), noise) == STORED // SPLIT
     for key in cfg.tokens_to_paths(torch.tensor(prompts[1][:STORED])):
         size = len(backend.read(key))
-        backend.write(key, torch.randint(0, 256, (size,), dtype=torch.uint8, generator=gen).numpy().tobytes())
+        backend.write(key, random.Random(key).randbytes(size))
 
     c, log = run_engine(vllm_python, tiny_llama, backend.url, prompts, tmp_path, "C")
     assert [o["kv_transfer_params"]["vua_s3"]["hit_tokens"] for o in c] == [STORED, STORED]
