@@ -52,12 +52,14 @@ else
     echo "built vLLM venv in $((SECONDS - start)) s" >&2
 fi
 
-# Point vua_s3 at this checkout; the install also registers the vLLM plugin entry point.
+# Point vua_s3 at this checkout (and its vLLM plugin entry point) unless it already is.
 # (run from / so the check cannot pick up a checkout in the working directory)
 if ! (cd / && "$VENV/bin/python" - "$REPO" <<'PY' 2>/dev/null
-import pathlib, sys
+import importlib.metadata, pathlib, sys
 import vua_s3.integrations.vllm as m
-sys.exit(pathlib.Path(m.__file__).resolve().parents[2] != pathlib.Path(sys.argv[1]).resolve())
+plugins = {e.name for e in importlib.metadata.entry_points(group="vllm.general_plugins")}
+here = pathlib.Path(m.__file__).resolve().parents[2] == pathlib.Path(sys.argv[1]).resolve()
+sys.exit(not (here and "vua_s3" in plugins))
 PY
 ); then
     pip_in install --no-deps --no-build-isolation -e "$REPO"

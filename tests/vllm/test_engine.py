@@ -12,6 +12,9 @@ C. meets two kinds of tampering, one per prompt:
    * prompt 2's fragments are overwritten with random bytes: the checksum catches
      it, vLLM recomputes the blocks ("Recovered from KV load failure"), the output
      equals A's, and the connector stores the recomputed groups again.
+
+With S3, a fourth engine D points at an endpoint where nothing listens: every probe
+and upload fails, each kind is logged once with its cause, and the output is A's.
 """
 
 from __future__ import annotations
@@ -29,7 +32,7 @@ import pytest
 import torch
 
 from vua_s3 import VUA, VUAConfig
-from vua_s3.embedded import EMBEDDED_CREDENTIALS, EmbeddedS3
+from vua_s3.embedded import EMBEDDED_CREDENTIALS, EMBEDDED_REGION, EmbeddedS3, free_port
 
 pytestmark = pytest.mark.vllm
 
@@ -150,3 +153,12 @@ def test_engines_share_kv_through_the_store(
     for (k0, v0), (k1, v1) in zip(stored.data, healed.data, strict=True):
         torch.testing.assert_close(k1, k0)
         torch.testing.assert_close(v1, v0)
+
+    if not backend.url.startswith("s3://"):
+        return
+    down = f"s3://vua-cache/engines?endpoint_url=http://127.0.0.1:{free_port()}&region={EMBEDDED_REGION}&max_attempts=1"
+    d, log = run_engine(vllm_python, tiny_llama, down, prompts, tmp_path, "D")
+    assert [o["tokens"] for o in d] == [o["tokens"] for o in a]
+    assert [o["kv_transfer_params"]["vua_s3"]["hit_tokens"] for o in d] == [0, 0]
+    assert log.count("VUAS3Connector: lookup in") == 1, log[-4000:]
+    assert log.count("VUAS3Connector: upload to") == 1, log[-4000:]
