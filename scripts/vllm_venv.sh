@@ -55,10 +55,10 @@ fi
 # Point vua_s3 at this checkout (and its vLLM plugin entry point) unless it already is.
 # (run from / so the check cannot pick up a checkout in the working directory)
 if ! (cd / && "$VENV/bin/python" - "$REPO" <<'PY' 2>/dev/null
-import importlib.metadata, pathlib, sys
-import vua_s3.integrations.vllm as m
+import importlib.metadata, importlib.util, pathlib, sys
+spec = importlib.util.find_spec("vua_s3")  # locates it without importing vLLM (slow)
 plugins = {e.name for e in importlib.metadata.entry_points(group="vllm.general_plugins")}
-here = pathlib.Path(m.__file__).resolve().parents[2] == pathlib.Path(sys.argv[1]).resolve()
+here = spec is not None and pathlib.Path(spec.origin).resolve().parents[1] == pathlib.Path(sys.argv[1]).resolve()
 sys.exit(not (here and "vua_s3" in plugins))
 PY
 ); then

@@ -110,7 +110,7 @@ def test_engines_share_kv_through_the_store(
 
     # A: cold store.
     a, _ = run_engine(vllm_python, tiny_llama, backend.url, prompts, tmp_path, "A")
-    assert [o["kv_transfer_params"]["vua_s3"] for o in a] == [{"hit_tokens": 0, "stored_tokens": STORED}] * 2
+    assert [o["kv_transfer_params"]["vua_s3"] for o in a] == [{"hit_tokens": 0, "stored_or_queued_tokens": STORED}] * 2
     keys = backend.keys()
     assert len(keys) == 2 * STORED // SPLIT
     namespace = keys[0].split("/")[0]

@@ -458,12 +458,16 @@ class VUAS3Connector(KVConnectorBase_V1):  # type: ignore[misc]
 
     def request_finished(self, request: Request, block_ids: list[int]) -> tuple[bool, dict[str, Any] | None]:
         """Forget the request. Its blocks can be freed at once: saves copy their K/V out
-        of the paged cache during the step that completes them."""
+        of the paged cache during the step that completes them.
+
+        The request's output carries ``kv_transfer_params["vua_s3"]``: ``hit_tokens``
+        (leading prompt tokens found in the store) and ``stored_or_queued_tokens``
+        (leading prompt tokens that were stored or queued for upload)."""
         tracked = self._lookups.pop(request.request_id, None)
         self._pending_loads.pop(request.request_id, None)
         if tracked is None:
             return False, None
-        return False, {"vua_s3": {"hit_tokens": tracked.hit, "stored_tokens": tracked.done}}
+        return False, {"vua_s3": {"hit_tokens": tracked.hit, "stored_or_queued_tokens": tracked.done}}
 
     # ------------------------------------------------------------------ worker side
 
