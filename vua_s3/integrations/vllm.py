@@ -54,7 +54,7 @@ from ..config import VUAConfig
 from ..keys import fragment_key, group_digests, token_ids
 from ..loop import BackgroundLoop, gather_or_cancel
 from ..store import Store, open_store, redact_url
-from ..vua import AsyncVUA
+from ..vua import AsyncVUA, ClosestKV
 
 if TYPE_CHECKING:
     from vllm.config import VllmConfig
@@ -515,24 +515,29 @@ class VUAS3Connector(KVConnectorBase_V1):  # type: ignore[misc]
             results = [exc] * len(meta.loads)
         loaded = 0
         for spec, result in zip(meta.loads, results, strict=True):
-            if isinstance(result, BaseException):
-                self._problems.report(f"load from {self._where}", result, "vLLM recomputes the affected tokens")
-                got = 0
-            else:
-                got = 0 if result is None else int(result.tokens.numel())
-                if result is not None:
-                    self._write(spec, result.data, min(got, len(spec.tokens)))
+            got = self._apply_load(spec, result)
             if got < len(spec.tokens):
-                if not isinstance(result, BaseException):
-                    self._problems.report(
-                        f"load from {self._where}",
-                        LookupError(f"{len(spec.tokens) - got} of {len(spec.tokens)} tokens missing or unusable"),
-                        "vLLM recomputes the affected tokens",
-                    )
-                first_bad = max(got, spec.start) // self._block_size
-                self._invalid_blocks.update(spec.block_ids[first_bad:])
-            loaded += max(0, min(got, len(spec.tokens)) - spec.start)
+                self._invalid_blocks.update(spec.block_ids[max(got, spec.start) // self._block_size :])
+            loaded += max(0, got - spec.start)
         log.debug("%s: loaded %d tokens in %.3f s", CONNECTOR_NAME, loaded, time.perf_counter() - started)
+
+    def _apply_load(self, spec: LoadSpec, result: ClosestKV | BaseException | None) -> int:
+        """Write what one load delivered; return how many leading tokens are now valid."""
+        what, consequence = f"load from {self._where}", "vLLM recomputes the affected tokens"
+        if isinstance(result, BaseException):
+            self._problems.report(what, result, consequence)
+            return 0
+        got = 0 if result is None else min(int(result.tokens.numel()), len(spec.tokens))
+        if result is not None:
+            try:
+                self._write(spec, result.data, got)
+            except (ValueError, RuntimeError) as exc:  # stored KV that does not fit this model
+                self._problems.report(what, exc, consequence)
+                return 0
+        if got < len(spec.tokens):
+            missing = LookupError(f"{len(spec.tokens) - got} of {len(spec.tokens)} tokens missing or unusable")
+            self._problems.report(what, missing, consequence)
+        return got
 
     def _write(self, spec: LoadSpec, data: Sequence[tuple[torch.Tensor, torch.Tensor]], end: int) -> None:
         """Copy tokens ``[spec.start, end)`` of a loaded prefix into the request's blocks."""
