@@ -3,7 +3,8 @@
 Three fresh engine processes share one store:
 
 A. fills it: no hit, and every whole prompt group appears as a fragment that
-   ``VUA.get_closest`` reads (the connector writes the shared format);
+   ``VUA.get_closest`` reads, holding the same K and V as Hugging Face transformers
+   computes for the checkpoint (the connector writes the shared format, correctly);
 B. reuses it: the connector reports a hit, and the greedy output equals A's;
 C. meets two kinds of tampering, one per prompt:
    * prompt 1's fragments are rewritten by ``VUA.put`` with noise KV (valid
@@ -37,6 +38,7 @@ from vua_s3.embedded import EMBEDDED_CREDENTIALS, EMBEDDED_REGION, EmbeddedS3, f
 pytestmark = pytest.mark.vllm
 
 RUNNER = Path(__file__).with_name("engine_run.py")
+HF_CHECK = Path(__file__).with_name("hf_kv_check.py")
 SPLIT = 64
 PROMPT_LEN = 150  # two whole groups stored (128 tokens), the rest prefilled
 STORED = PROMPT_LEN - 1 - (PROMPT_LEN - 1) % SPLIT
@@ -120,7 +122,13 @@ def test_engines_share_kv_through_the_store(
     with VUA(cfg, backend.location) as vua:
         stored = vua.get_closest(torch.tensor(prompts[1]))
     assert stored is not None and stored.tokens.tolist() == prompts[1][:STORED]
-    assert [tuple(k.shape) for k, _ in stored.data] == [(1, 2, STORED, 32)] * 2
+    assert [tuple(k.shape) for k, _ in stored.data] == [(1, 2, STORED, 64)] * 2
+    check = subprocess.run(
+        [str(vllm_python), str(HF_CHECK), str(tiny_llama), backend.location, namespace, str(SPLIT),
+         json.dumps(prompts[1])],
+        capture_output=True, text=True, timeout=600, check=False,
+    )  # fmt: skip
+    assert check.returncode == 0, check.stdout + check.stderr[-4000:]
 
     # B: a new engine finds both prompts in the store and answers the same.
     extra = ("--registered",) if backend.url.startswith("/") else ()  # POSIX run: plugin entry point
@@ -133,7 +141,7 @@ def test_engines_share_kv_through_the_store(
     # Tamper: prompt 0 gets valid fragments holding noise, prompt 1 gets garbage bytes.
     for key in cfg.tokens_to_paths(torch.tensor(prompts[0][:STORED])):
         backend.delete(key)
-    noise = [(torch.randn(1, 2, STORED, 32, generator=gen) * 3, torch.randn(1, 2, STORED, 32, generator=gen) * 3)
+    noise = [(torch.randn(1, 2, STORED, 64, generator=gen) * 3, torch.randn(1, 2, STORED, 64, generator=gen) * 3)
              for _ in range(2)]  # fmt: skip
     with VUA(cfg, backend.location) as vua:
         assert vua.put(torch.tensor(prompts[0][:STORED]), noise) == STORED // SPLIT

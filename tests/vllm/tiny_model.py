@@ -14,7 +14,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-HIDDEN, INTERMEDIATE, LAYERS, HEADS, KV_HEADS, HEAD_DIM, VOCAB = 128, 256, 2, 4, 2, 32, 512
+# head_dim differs from the tests' block size (32), so a transposed block cannot pass.
+HIDDEN, INTERMEDIATE, LAYERS, HEADS, KV_HEADS, HEAD_DIM, VOCAB = 256, 256, 2, 4, 2, 64, 512
 CONFIG = {
     "architectures": ["LlamaForCausalLM"],
     "model_type": "llama",

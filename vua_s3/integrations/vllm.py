@@ -32,6 +32,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
+import functools
 import hashlib
 import json
 import logging
@@ -234,28 +235,92 @@ class _Tracked:
 # The paged cache, seen as K and V
 
 
-def kv_views(kv_cache: torch.Tensor, backend: str, head_size: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """K and V of one layer as ``[kernel_blocks, heads, kernel_block_size, head_dim]`` views.
+class PagedLayer:
+    """One attention layer's paged cache, read and written as plain K and V per token.
 
     vLLM hands every backend's cache over as a ``[blocks, heads, block_size, content]``
-    tensor whose content is K and V together. The CPU backend keeps, per block and
-    head, all of the block's K rows followed by all of its V rows (it reshapes to
-    ``[.., 2 * block_size, head_dim]`` and splits there); the GPU backends keep K and
-    V side by side in each row (they split the last dimension).
+    tensor whose content holds K and V. The GPU backends keep K and V side by side in
+    each row (they split the last dimension), which strided views express. The CPU
+    backend's own writer lays a block out to suit its kernels, differently per
+    instruction set (keys come out transposed on AVX-512, for one), so that layout is
+    not assumed: :func:`probe_cpu_layout` asks the writer where each element lands.
     """
-    if kv_cache.dim() != 4 or kv_cache.size(-1) != 2 * head_size:
-        raise ValueError(
-            f"{CONNECTOR_NAME}: expected a [blocks, heads, block_size, 2*{head_size}] KV cache, "
-            f"got {list(kv_cache.shape)} ({backend}); MLA and packed caches are not supported"
+
+    def __init__(self, name: str, kv_cache: torch.Tensor, backend: str, head_size: int, isa: str | None) -> None:
+        if kv_cache.dim() != 4 or kv_cache.size(-1) != 2 * head_size:
+            raise ValueError(
+                f"{CONNECTOR_NAME}: expected a [blocks, heads, block_size, 2*{head_size}] KV cache for {name}, "
+                f"got {list(kv_cache.shape)} ({backend}); MLA and packed caches are not supported"
+            )
+        blocks, self.heads, self.block_size, _ = kv_cache.shape
+        self.name, self.head_size, self.dtype, self.device = name, head_size, kv_cache.dtype, kv_cache.device
+        self._heads = torch.arange(self.heads, device=self.device)
+        self._locations: tuple[torch.Tensor, torch.Tensor] | None = None
+        if backend != "CPU_ATTN":
+            self._parts = (kv_cache[..., :head_size], kv_cache[..., head_size:])
+            return
+        if isa is None or not kv_cache[0].is_contiguous() or kv_cache.element_size() == 1:
+            raise ValueError(f"{CONNECTOR_NAME}: unsupported CPU KV cache for {name} ({kv_cache.dtype}, isa={isa})")
+        flat = kv_cache.view(blocks, self.heads, 2, self.block_size * head_size)
+        self._parts = (flat[:, :, 0], flat[:, :, 1])
+        key_at, value_at = probe_cpu_layout(self.heads, self.block_size, head_size, self.dtype, isa)
+        self._locations = (key_at.to(self.device), value_at.to(self.device))
+
+    def gather(self, blocks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """K and V of ``blocks``, each ``[len(blocks), heads, block_size, head_dim]`` (a copy)."""
+        if self._locations is None:
+            return self._parts[0][blocks], self._parts[1][blocks]
+        shape = (-1, self.heads, self.block_size, self.head_size)
+        rows, heads = blocks[:, None, None], self._heads[None, :, None]
+        key, value = (
+            part[rows, heads, at[None, None, :]].view(shape)
+            for part, at in zip(self._parts, self._locations, strict=True)
         )
-    blocks, heads, block_size, _ = kv_cache.shape
-    if backend == "CPU_ATTN":
-        inner = kv_cache[0]
-        if not inner.is_contiguous():
-            raise ValueError(f"{CONNECTOR_NAME}: the CPU KV cache is not head-major within a block")
-        split = kv_cache.view(blocks, heads, 2, block_size, head_size)
-        return split[:, :, 0], split[:, :, 1]
-    return kv_cache[..., :head_size], kv_cache[..., head_size:]
+        return key, value
+
+    def scatter(self, blocks: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> None:
+        """Write K and V (``[len(blocks), heads, block_size, head_dim]`` each) into ``blocks``."""
+        for i, src in enumerate((key, value)):
+            src = src.to(self.dtype)
+            if self._locations is None:
+                self._parts[i][blocks] = src
+            else:
+                index = (blocks[:, None, None], self._heads[None, :, None], self._locations[i][None, None, :])
+                self._parts[i].index_put_(index, src.reshape(len(blocks), self.heads, -1))
+
+
+@functools.lru_cache(maxsize=8)
+def probe_cpu_layout(
+    heads: int, block_size: int, head_size: int, dtype: torch.dtype, isa: str
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Where vLLM's CPU cache writer puts element ``t * head_size + d`` of a block's K and V.
+
+    Writes each position's base-16 digits (exact in every float type) through the
+    writer into a one-block cache and reads back where they landed. Returns, for K and
+    V, the offset of every element inside a block-head's ``block_size * head_size`` run.
+    """
+    from vllm import _custom_ops as ops
+
+    size = block_size * head_size
+    positions = torch.arange(size)
+    found = [torch.zeros(size, dtype=torch.int64), torch.zeros(size, dtype=torch.int64)]
+    scale = 1
+    while scale < size:
+        digit = (positions // scale % 16 + 1).to(dtype).view(block_size, 1, head_size).expand(-1, heads, -1)
+        cache = torch.zeros(1, heads, 2 * block_size, head_size, dtype=dtype)
+        key_cache, value_cache = cache.chunk(2, dim=2)
+        slots = torch.arange(block_size, dtype=torch.int64)
+        ops.cpu_attn_reshape_and_cache(digit.contiguous(), digit.contiguous(), key_cache, value_cache, slots, isa)
+        for i, part in enumerate((key_cache, value_cache)):
+            landed = part[0, 0].reshape(-1).to(torch.int64) - 1
+            found[i] += landed * scale
+        scale *= 16
+    located = []
+    for what, position_at in zip(("K", "V"), found, strict=True):
+        if not torch.equal(position_at.sort().values, positions):
+            raise ValueError(f"{CONNECTOR_NAME}: could not map the CPU KV cache layout ({what}, isa={isa})")
+        located.append(position_at.argsort())
+    return located[0], located[1]
 
 
 def kernel_block_ids(block_ids: Sequence[int], ratio: int) -> torch.Tensor:
@@ -263,13 +328,6 @@ def kernel_block_ids(block_ids: Sequence[int], ratio: int) -> torch.Tensor:
     (vLLM splits each scheduler block into ``ratio`` kernel blocks, in order)."""
     ids = torch.tensor(block_ids, dtype=torch.int64)
     return (ids.unsqueeze(1) * ratio + torch.arange(ratio)).flatten()
-
-
-@dataclass
-class _Layer:
-    name: str
-    keys: torch.Tensor
-    values: torch.Tensor
 
 
 @dataclass
@@ -317,7 +375,7 @@ class VUAS3Connector(KVConnectorBase_V1):  # type: ignore[misc]
         self._probes: list[AsyncVUA] = []
         # Worker side.
         self._vua: AsyncVUA | None = None
-        self._layers: list[_Layer] = []
+        self._layers: list[PagedLayer] = []
         self._layer_index: dict[str, int] = {}
         self._ratio = 1
         self._device = torch.device("cpu")
@@ -484,17 +542,18 @@ class VUAS3Connector(KVConnectorBase_V1):  # type: ignore[misc]
         layers = config.compilation_config.static_forward_context
         self._layers = []
         for name in sorted(kv_caches, key=extract_layer_index):
-            backend = layers[name].get_attn_backend().get_name() if name in layers else "unknown"
-            keys, values = kv_views(kv_caches[name], backend, head_size)
-            self._layers.append(_Layer(name, keys, values))
+            module = layers.get(name)
+            backend = module.get_attn_backend().get_name() if module is not None else "unknown"
+            isa = getattr(module, "isa", None)
+            self._layers.append(PagedLayer(name, kv_caches[name], backend, head_size, isa))
         self._layer_index = {layer.name: i for i, layer in enumerate(self._layers)}
-        first = self._layers[0].keys
-        self._ratio = first.size(0) // self._kv_cache_config.num_blocks
+        first = self._layers[0]
+        self._ratio = kv_caches[first.name].size(0) // self._kv_cache_config.num_blocks
         self._device = first.device
         log.info(
             "%s: worker on %s, namespace %s, %d layers of %s %s KV (%d heads x %d), %d kernel blocks per block",
             CONNECTOR_NAME, self._where, namespace, len(self._layers), first.device, first.dtype,
-            first.size(1), first.size(3), self._ratio,
+            first.heads, first.head_size, self._ratio,
         )  # fmt: skip
 
     def start_load_kv(self, forward_context: ForwardContext, **kwargs: Any) -> None:
@@ -548,12 +607,10 @@ class VUAS3Connector(KVConnectorBase_V1):  # type: ignore[misc]
         blocks = kernel_block_ids(spec.block_ids[start // bs : end // bs], self._ratio).to(self._device)
         if len(data) != len(self._layers):
             raise ValueError(f"{CONNECTOR_NAME}: stored KV has {len(data)} layers, the model has {len(self._layers)}")
-        kernel_bs = bs // self._ratio
-        for layer, (k, v) in zip(self._layers, data, strict=True):
-            heads, dim = layer.keys.size(1), layer.keys.size(3)
-            for dst, src in ((layer.keys, k), (layer.values, v)):
-                paged = src[0, :, start:end].reshape(heads, -1, kernel_bs, dim).transpose(0, 1)
-                dst[blocks] = paged.to(dst.dtype)
+        for layer, (key, value) in zip(self._layers, data, strict=True):
+            paged = [t[0, :, start:end].reshape(layer.heads, -1, layer.block_size, layer.head_size).transpose(0, 1)
+                     for t in (key, value)]  # fmt: skip
+            layer.scatter(blocks, *paged)
 
     def wait_for_layer_load(self, layer_name: str) -> None:
         """Loads complete in :meth:`start_load_kv`: a fragment holds every layer, so
@@ -585,22 +642,21 @@ class VUAS3Connector(KVConnectorBase_V1):  # type: ignore[misc]
                 "new groups are not stored until the backlog drains",
             )
             return None
-        first = self._layers[0].keys
+        first = self._layers[0]
         num_tokens = len(spec.tokens) - spec.first_group * self._settings.split_factor
         kv = torch.empty(
-            (len(self._layers), 2, first.size(1), num_tokens, first.size(3)),
+            (len(self._layers), 2, first.heads, num_tokens, first.head_size),
             dtype=first.dtype,
-            pin_memory=first.is_cuda,
+            pin_memory=first.device.type == "cuda",
         )
         blocks = kernel_block_ids(spec.block_ids, self._ratio).to(self._device)
         return _Capture(spec=spec, kv=kv, blocks=blocks)
 
     def _capture_layer(self, capture: _Capture, index: int) -> None:
         layer = self._layers[index]
-        heads, dim = layer.keys.size(1), layer.keys.size(3)
-        for slot, src in enumerate((layer.keys, layer.values)):
-            gathered = src[capture.blocks].transpose(0, 1).reshape(heads, -1, dim)
-            capture.kv[index, slot].copy_(gathered, non_blocking=True)
+        for slot, paged in enumerate(layer.gather(capture.blocks)):
+            tokens = paged.transpose(0, 1).reshape(layer.heads, -1, layer.head_size)
+            capture.kv[index, slot].copy_(tokens, non_blocking=True)
         capture.layers_done.add(layer.name)
 
     def wait_for_save(self) -> None:
