@@ -35,9 +35,10 @@ def main() -> None:
         ref_keys, ref_values = cache.layers[layer].keys, cache.layers[layer].values
         for name, got, ref in (("K", keys, ref_keys), ("V", values, ref_values)):
             assert got.shape == ref.shape, f"layer {layer} {name}: {list(got.shape)} != {list(ref.shape)}"
-            torch.testing.assert_close(
-                got, ref, rtol=1e-3, atol=1e-3, msg=lambda m, n=name, i=layer: f"layer {i} {n}: {m}"
-            )
+            try:
+                torch.testing.assert_close(got, ref, rtol=1e-3, atol=1e-3)
+            except AssertionError as exc:
+                raise AssertionError(f"layer {layer} {name}: {exc}") from None
             worst = max(worst, float((got - ref).abs().max()))
     print(json.dumps({"tokens": length, "layers": len(stored.data), "max_abs_diff": worst}))
 
