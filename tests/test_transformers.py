@@ -11,7 +11,6 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +19,7 @@ import torch
 
 pytest.importorskip("transformers")
 
+from conftest import assert_kv_equal, unique_prefix
 from transformers import LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM
 
 from vua_s3 import VUA, VUAConfig
@@ -67,22 +67,7 @@ def prompt(length: int, seed: int = 1) -> torch.Tensor:
     return torch.randint(0, 256, (1, length), generator=torch.Generator().manual_seed(seed))
 
 
-@pytest.fixture(scope="module")
-def s3() -> Iterator[EmbeddedS3]:
-    with EmbeddedS3() as server:
-        yield server
-
-
-@pytest.fixture(params=["s3", "posix"])
-def location(request: pytest.FixtureRequest, tmp_path: Path) -> Any:
-    """A fresh, empty cache location on each backend."""
-    if request.param == "s3":
-        server: EmbeddedS3 = request.getfixturevalue("s3")
-        return server.store(tmp_path.name)
-    return tmp_path / "cache"
-
-
-def test_prefix_plus_suffix_equals_full_prompt(location: Any) -> None:
+def test_prefix_plus_suffix_equals_full_prompt(location: str) -> None:
     model = tiny_llama()
     ids = prompt(3 * SPLIT + TAIL)
     reference = full_logits(model, ids)
@@ -94,10 +79,7 @@ def test_prefix_plus_suffix_equals_full_prompt(location: Any) -> None:
         warm = cached_prefill(model, ids, vua)
         assert (warm.cached_tokens, warm.stored_groups) == (3 * SPLIT, 0)
         assert (warm.logits - reference[:, 3 * SPLIT :]).abs().max().item() == 0.0
-        for (k_cold, v_cold), (k_warm, v_warm) in zip(
-            kv_from_cache(cold.cache), kv_from_cache(warm.cache), strict=True
-        ):
-            assert torch.equal(k_cold, k_warm) and torch.equal(v_cold, v_warm)
+        assert_kv_equal(kv_from_cache(warm.cache), kv_from_cache(cold.cache))
 
         # A prompt that shares two groups, then diverges, reuses exactly those two.
         other = torch.cat([ids[:, : 2 * SPLIT], prompt(SPLIT + TAIL, seed=2)], dim=1)
@@ -116,10 +98,7 @@ def test_short_suffix_is_within_float_rounding(tmp_path: Path) -> None:
         cold = cached_prefill(model, ids, vua)
         warm = cached_prefill(model, ids, vua)
     assert warm.cached_tokens == 2 * SPLIT
-    for (k_cold, v_cold), (k_warm, v_warm) in zip(
-        kv_from_cache(cold.cache, 2 * SPLIT), kv_from_cache(warm.cache), strict=True
-    ):
-        assert torch.equal(k_cold, k_warm[:, :, : 2 * SPLIT]) and torch.equal(v_cold, v_warm[:, :, : 2 * SPLIT])
+    assert_kv_equal(kv_from_cache(warm.cache, 2 * SPLIT), kv_from_cache(cold.cache, 2 * SPLIT))
     # Measured up to 4e-7 on logits of magnitude ~1 (fp32 epsilon is 1.2e-7).
     assert (warm.logits - reference[:, 2 * SPLIT :]).abs().max().item() <= 1e-5
     assert torch.equal(warm.logits[:, -1].argmax(-1), reference[:, -1].argmax(-1))
@@ -138,7 +117,7 @@ def test_fully_stored_prompt_runs_its_last_token(tmp_path: Path) -> None:
     assert (warm.logits[:, -1] - reference[:, -1]).abs().max().item() <= 1e-5
 
 
-def test_generate_from_stored_prefix_matches_plain_generate(location: Any) -> None:
+def test_generate_from_stored_prefix_matches_plain_generate(location: str) -> None:
     model = tiny_llama()
     ids = prompt(2 * SPLIT + TAIL)
     expected = model.generate(ids, max_new_tokens=8, do_sample=False)
@@ -149,12 +128,13 @@ def test_generate_from_stored_prefix_matches_plain_generate(location: Any) -> No
     assert torch.equal(first, expected) and torch.equal(second, expected)
 
 
-def test_models_of_different_shapes_never_cross(s3: EmbeddedS3) -> None:
+def test_models_of_different_shapes_never_cross(moto_server: EmbeddedS3) -> None:
+    prefix = unique_prefix()
     small, wide = tiny_llama(), tiny_llama(num_key_value_heads=4, num_hidden_layers=3)
     ids = prompt(2 * SPLIT + TAIL)
     with (
-        vua_for_model(small, s3.store("shared"), split_factor=SPLIT) as a,
-        vua_for_model(wide, s3.store("shared"), split_factor=SPLIT) as b,
+        vua_for_model(small, moto_server.url(prefix), split_factor=SPLIT) as a,
+        vua_for_model(wide, moto_server.url(prefix), split_factor=SPLIT) as b,
     ):
         assert a.config().namespace != b.config().namespace
         cached_prefill(small, ids, a)
@@ -166,7 +146,10 @@ def test_models_of_different_shapes_never_cross(s3: EmbeddedS3) -> None:
     assert small_warm.cached_tokens == wide_warm.cached_tokens == 2 * SPLIT
     assert torch.equal(small_warm.logits, full_logits(small, ids)[:, 2 * SPLIT :])
     assert torch.equal(wide_warm.logits, full_logits(wide, ids)[:, 2 * SPLIT :])
-    keys = [o["Key"] for o in s3.client().list_objects_v2(Bucket=s3.bucket, Prefix="shared/")["Contents"]]
+    keys = [
+        o["Key"]
+        for o in moto_server.client().list_objects_v2(Bucket=moto_server.bucket, Prefix=f"{prefix}/")["Contents"]
+    ]
     namespaces = {key.split("/")[1] for key in keys}
     assert namespaces == {a.config().namespace, b.config().namespace}
     assert len(keys) == 4
