@@ -9,7 +9,7 @@ venv=${VUA_VENV:-.venv}
 [ -x "$venv/bin/python" ] || python3 -m venv "$venv"
 "$venv/bin/python" -m pip install -q --upgrade pip
 "$venv/bin/python" -m pip install -q "${VUA_TORCH:-torch==2.13.0}"
-"$venv/bin/python" -m pip install -q -e ".[dev]"
+"$venv/bin/python" -m pip install -q -e ".[dev,transformers]"
 # checkov (the offline Terraform policy scanner) pins its own boto3: it gets a venv of its own.
 checkov_venv=${VUA_CHECKOV_VENV:-.venv-checkov}
 [ -x "$checkov_venv/bin/checkov" ] || { python3 -m venv "$checkov_venv" && "$checkov_venv/bin/python" -m pip install -q checkov; }
