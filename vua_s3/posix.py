@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import builtins
 import os
 import tempfile
 from collections.abc import AsyncIterator, Sequence
@@ -97,7 +98,7 @@ class PosixStore(Store):
 
     async def head_many(self, keys: Sequence[str]) -> list[ObjectInfo | None]:
         paths = [self._path(key) for key in keys]
-        return await asyncio.to_thread(lambda: [self._stat(key, path) for key, path in zip(keys, paths)])
+        return await asyncio.to_thread(lambda: [self._stat(key, path) for key, path in zip(keys, paths, strict=True)])
 
     def _stat(self, key: str, path: Path) -> ObjectInfo | None:
         try:
@@ -120,7 +121,7 @@ class PosixStore(Store):
         for info in infos:
             yield info
 
-    def _walk(self, prefix: str) -> list[ObjectInfo]:
+    def _walk(self, prefix: str) -> builtins.list[ObjectInfo]:
         found = []
         for dirpath, _dirs, files in os.walk(self.root):
             for name in files:

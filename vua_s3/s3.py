@@ -311,14 +311,12 @@ class S3Store(Store):
             return await self._call("get_object", key, lambda c: self._read(c, name))
         buf = bytearray(size)
         step = self.settings.part_size
-        await gather_or_cancel(
-            *(
-                self._call(
-                    "get_object", key, lambda c, start=start: self._read(c, name, buf, start, min(start + step, size))
-                )
-                for start in range(0, size, step)
-            )
-        )
+
+        async def read_range(start: int) -> bytearray:
+            end = min(start + step, size)
+            return await self._call("get_object", key, lambda c: self._read(c, name, buf, start, end))
+
+        await gather_or_cancel(*(read_range(start) for start in range(0, size, step)))
         return buf
 
     async def _read(

@@ -18,12 +18,11 @@ import os
 from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
-from typing import Union
 from urllib.parse import urlsplit
 
 from .errors import InvalidLocationError
 
-Buffer = Union[bytes, bytearray, memoryview]
+Buffer = bytes | bytearray | memoryview
 
 
 @dataclass(frozen=True)

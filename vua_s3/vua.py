@@ -41,7 +41,7 @@ class _Group(NamedTuple):
     key: str
     digest: bytes
     parent: bytes | None
-    index: int
+    number: int
 
 
 class AsyncVUA:
@@ -104,17 +104,17 @@ class AsyncVUA:
             for group in self._groups(ids, salt):
                 todo.setdefault(group.key, (row, ids, group))
         present = await self._store.head_many(list(todo))
-        missing = [item for item, info in zip(todo.values(), present) if info is None]
+        missing = [item for item, info in zip(todo.values(), present, strict=True) if info is None]
         await gather_or_cancel(*(self._put_group(kvcache, row, ids, group) for row, ids, group in missing))
         return len(missing)
 
     async def _put_group(self, kvcache: KVCache, row: int, ids: torch.Tensor, group: _Group) -> None:
         size = self._config.split_factor
-        start = group.index * size
+        start = group.number * size
         metadata = {
             "namespace": self._config.namespace,
             "split_factor": str(size),
-            "group": str(group.index),
+            "group": str(group.number),
             "digest": group.digest.hex(),
             "parent": group.parent.hex() if group.parent else "",
         }
@@ -155,7 +155,9 @@ class AsyncVUA:
         hits = _leading_hits(infos)
         if not hits:
             return None
-        fragments = await gather_or_cancel(*(self._load(group, info, ids) for group, info in zip(groups, hits)))
+        fragments = await gather_or_cancel(
+            *(self._load(group, info, ids) for group, info in zip(groups, hits, strict=False))
+        )
         usable = _consistent_prefix(fragments)
         if not usable:
             return None
@@ -186,7 +188,7 @@ class AsyncVUA:
         expected = {
             "namespace": self._config.namespace,
             "split_factor": str(size),
-            "group": str(group.index),
+            "group": str(group.number),
             "digest": group.digest.hex(),
         }
         for name, value in expected.items():
@@ -194,18 +196,12 @@ class AsyncVUA:
                 raise FragmentError(f"metadata {name}={meta.get(name)!r}, expected {value!r}")
         if frag.kv.dim() != 5 or frag.kv.size(1) != 2 or frag.kv.size(3) != size:
             raise FragmentError(f"kv tensor has shape {list(frag.kv.shape)}, expected [layers, 2, heads, {size}, dim]")
-        start = group.index * size
+        start = group.number * size
         if not torch.equal(frag.tokens, ids[start : start + size]):
             raise FragmentError("stored tokens differ from the query's tokens")
 
     def _trim(self, tokens: torch.Tensor) -> torch.Tensor | None:
         """The query as 1-D tokens trimmed to whole groups; ``None`` if shorter than one group."""
-        if tokens.dim() == 2 and tokens.size(0) == 1:
-            tokens = tokens[0]
-        if tokens.dim() != 1:
-            raise ValueError(
-                f"get_closest takes tokens of shape [n] or [1, n] (or a list of them), got {list(tokens.shape)}"
-            )
         if tokens.numel() == 0:
             raise ValueError("tokens is empty: there is nothing to look up")
         trimmed = self._config.trim_to_split_factor(tokens)
@@ -304,7 +300,7 @@ def _check_kvcache(kvcache: KVCache, rows: list[torch.Tensor]) -> None:
     for layer, pair in enumerate(kvcache):
         if not isinstance(pair, Sequence) or len(pair) != 2 or not all(isinstance(t, torch.Tensor) for t in pair):
             raise TypeError(f"kvcache[{layer}] must be a (K, V) pair of tensors")
-        for name, t in zip("KV", pair):
+        for name, t in zip("KV", pair, strict=True):
             if t.dim() != 4:
                 raise ValueError(
                     f"kvcache[{layer}] {name} must be [batch, heads, seq_len, head_dim], got {list(t.shape)}"

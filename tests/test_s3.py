@@ -1,0 +1,109 @@
+"""S3-specific behaviour, observed from the server's side (moto over HTTP)."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+import torch
+from conftest import assert_kv_equal, random_kvcache, unique_prefix
+
+from vua_s3 import VUA, VUAConfig, open_store
+from vua_s3.s3 import S3Settings, S3Store, parse_size
+
+CFG = VUAConfig(split_factor=256)
+
+
+def test_large_fragment_goes_through_multipart_and_ranged_reads(moto_server, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    prefix = unique_prefix()
+    url = moto_server.url(prefix) + "&multipart_threshold=5MiB&part_size=5MiB"
+    tokens = torch.randint(0, 100_000, (256,))
+    kv = random_kvcache(layers=6, seq_len=256, heads=8, head_dim=128, dtype=torch.float32)  # one 12 MiB fragment
+    ranges: list[tuple[int, int | None]] = []
+    original_read = S3Store._read
+
+    async def counting_read(self, client, name, buf=None, start=0, end=None):  # type: ignore[no-untyped-def]
+        ranges.append((start, end))
+        return await original_read(self, client, name, buf, start, end)
+
+    monkeypatch.setattr(S3Store, "_read", counting_read)
+    with VUA(CFG, url) as vua:
+        assert vua.put(tokens, kv) == 1
+        res = vua.get_closest(tokens)
+    assert res is not None
+    assert_kv_equal(res.data, kv)
+
+    client = moto_server.client()
+    key = f"{prefix}/{CFG.tokens_to_paths(tokens)[0]}"
+    head = client.head_object(Bucket=moto_server.bucket, Key=key)
+    assert head["ContentLength"] > 12 << 20
+    assert head["ETag"].strip('"').endswith("-3")  # S3 marks multipart objects "<md5>-<parts>"
+    assert not client.list_multipart_uploads(Bucket=moto_server.bucket, Prefix=prefix).get("Uploads")
+    assert sorted(ranges) == [(0, 5 << 20), (5 << 20, 10 << 20), (10 << 20, head["ContentLength"])]
+
+
+def test_small_fragments_are_single_puts(moto_server) -> None:  # type: ignore[no-untyped-def]
+    prefix = unique_prefix()
+    tokens = torch.randint(0, 100_000, (32,))
+    with VUA(VUAConfig(split_factor=16), moto_server.url(prefix)) as vua:
+        vua.put(tokens, random_kvcache(seq_len=32))
+    objects = moto_server.client().list_objects_v2(Bucket=moto_server.bucket, Prefix=prefix)["Contents"]
+    assert len(objects) == 2
+    assert all("-" not in o["ETag"] for o in objects)
+
+
+def test_settings_come_from_the_url() -> None:
+    store = open_store(
+        "s3://bkt/a/b/?endpoint_url=https://vast.example:8443&addressing=path&checksum=when_supported"
+        "&verify=false&concurrency=7&part_size=8MiB&multipart_threshold=64m&region=eu-west-1&retry_mode=adaptive"
+    )
+    assert isinstance(store, S3Store)
+    assert (store.bucket, store.prefix, store.url) == ("bkt", "a/b", "s3://bkt/a/b")
+    s = store.settings
+    assert s == S3Settings(
+        endpoint_url="https://vast.example:8443",
+        addressing="path",
+        checksum="when_supported",
+        verify=False,
+        concurrency=7,
+        part_size=8 << 20,
+        multipart_threshold=64 << 20,
+        region="eu-west-1",
+        retry_mode="adaptive",
+    )
+    config = s.botocore_config()
+    assert config.request_checksum_calculation == "when_supported"
+    assert config.response_checksum_validation == "when_supported"
+    assert config.max_pool_connections == 7
+    assert config.s3 == {"addressing_style": "path"}
+    assert S3Settings().checksum == "when_required"  # safe for every S3 system by default
+
+
+@pytest.mark.parametrize(("text", "value"), [("5MiB", 5 << 20), ("8m", 8 << 20), ("1g", 1 << 30), ("4096", 4096)])
+def test_parse_size(text: str, value: int) -> None:
+    assert parse_size(text) == value
+
+
+def test_checksum_mode_when_supported_round_trips(moto_server) -> None:  # type: ignore[no-untyped-def]
+    url = moto_server.url(unique_prefix()) + "&checksum=when_supported"
+    tokens = torch.randint(0, 100_000, (32,))
+    kv = random_kvcache(seq_len=32)
+    with VUA(VUAConfig(split_factor=16), url) as vua:
+        vua.put(tokens, kv)
+        res = vua.get_closest(tokens)
+    assert res is not None
+    assert_kv_equal(res.data, kv)
+
+
+def test_one_client_per_event_loop(moto_server) -> None:  # type: ignore[no-untyped-def]
+    store = open_store(moto_server.url(unique_prefix()))
+
+    async def use() -> int:
+        await store.put("k/x", b"1")
+        first = await store._client()  # type: ignore[attr-defined]
+        await store.head_many(["k/x"] * 20)
+        assert await store._client() is first  # type: ignore[attr-defined]
+        await store.close()
+        return id(first)
+
+    assert asyncio.run(use()) != 0
