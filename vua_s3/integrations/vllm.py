@@ -22,9 +22,10 @@ How it works:
   ``wait_for_save`` hands the captured groups to a background loop that encodes and
   uploads them, one object per group holding every layer (the shared fragment format,
   readable by ``VUA.get_closest``), so the forward pass never waits for the network.
-* Failures of the store never fail a request: a failed probe is a miss, a failed or
-  corrupt load is reported to vLLM as invalid blocks, which it recomputes, a failed
-  upload is dropped. Each kind of problem is logged once, with its cause.
+* Failures of the store never fail a request: a failed probe is a miss; a failed or
+  corrupt load is reported to vLLM as invalid blocks, which it recomputes, and the
+  recomputed groups are stored again over the bad objects; a failed upload is dropped.
+  Each kind of problem is logged once, with its cause.
 """
 
 from __future__ import annotations
