@@ -10,7 +10,7 @@ from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 from urllib.parse import unquote, urlsplit
 
-from .errors import AccessDeniedError, InvalidLocationError, ObjectNotFoundError, StoreError
+from .errors import AccessDeniedError, InvalidLocationError, ObjectNotFoundError, StoreError, StoreUnavailableError
 from .store import Buffer, ObjectInfo, Store
 
 FILE_MODE = 0o640
@@ -71,7 +71,7 @@ class PosixStore(Store):
         except PermissionError as exc:
             raise AccessDeniedError(f"reading {path}: {exc.strerror}") from None
         except OSError as exc:
-            raise StoreError(f"reading {path}: {exc}") from exc
+            raise StoreUnavailableError(f"reading {path}: {exc}") from exc
 
     async def put(self, key: str, data: Buffer) -> None:
         await asyncio.to_thread(self._write, self._path(key), data)
@@ -107,6 +107,8 @@ class PosixStore(Store):
             return None
         except PermissionError as exc:
             raise AccessDeniedError(f"checking {path}: {exc.strerror}") from None
+        except OSError as exc:
+            raise StoreUnavailableError(f"checking {path}: {exc}") from exc
         return ObjectInfo(key=key, size=st.st_size, last_modified=st.st_mtime)
 
     async def delete(self, key: str) -> None:

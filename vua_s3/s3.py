@@ -26,9 +26,16 @@ from urllib.parse import parse_qsl, urlsplit
 
 import aioboto3
 from botocore.config import Config
-from botocore.exceptions import BotoCoreError, ClientError
+from botocore.exceptions import (
+    BotoCoreError,
+    ClientError,
+    HTTPClientError,
+    IncompleteReadError,
+    SSLError,
+)
+from botocore.exceptions import ConnectionError as BotoConnectionError
 
-from .errors import AccessDeniedError, InvalidLocationError, ObjectNotFoundError, StoreError
+from .errors import AccessDeniedError, InvalidLocationError, ObjectNotFoundError, StoreError, StoreUnavailableError
 from .loop import gather_or_cancel
 from .store import Buffer, ObjectInfo, Store, redact_url
 
@@ -40,6 +47,15 @@ _SIZE_UNITS = {"": 1, "b": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30}
 _SECRET_SETTINGS = {"aws_access_key_id", "aws_secret_access_key", "aws_session_token", "access_key", "secret_key"}
 _NOT_FOUND = {"404", "NoSuchKey", "NotFound"}
 _DENIED = {"403", "AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "AllAccessDisabled"}
+# Answers that mean "try later", not "this request is wrong": an outage once retries are spent.
+_UNAVAILABLE = {
+    "SlowDown",
+    "ServiceUnavailable",
+    "InternalError",
+    "RequestTimeout",
+    "Throttling",
+    "ThrottlingException",
+}
 MIN_PART_SIZE = 5 << 20  # S3's smallest allowed multipart part (all but the last)
 
 
@@ -290,7 +306,16 @@ class S3Store(Store):
                 )
             if code == "NoSuchBucket":
                 return StoreError(f"bucket {self.bucket!r} does not exist at {self._endpoint()}")
+            if code in _UNAVAILABLE or (isinstance(status, int) and status >= 500):
+                return StoreUnavailableError(f"{operation} on {where} failed after retries: {code or status}")
             return StoreError(f"{operation} on {where} failed: {code or status}")
+        if isinstance(exc, SSLError):
+            return StoreError(
+                f"{operation} on {where}: TLS failed ({exc}); if the endpoint uses a private CA, "
+                "set ca_bundle=/path/to/ca.pem in the URL"
+            )
+        if isinstance(exc, (BotoConnectionError, HTTPClientError, IncompleteReadError)):
+            return StoreUnavailableError(f"{operation} on {where} failed: {type(exc).__name__}: {exc}")
         return StoreError(f"{operation} on {where} failed: {type(exc).__name__}: {exc}")
 
     def _endpoint(self) -> str:
