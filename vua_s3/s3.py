@@ -15,9 +15,12 @@ GETs into one preallocated buffer.
 from __future__ import annotations
 
 import asyncio
+import base64
+import binascii
 import contextlib
 import io
 import logging
+import os
 import re
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, fields, replace
@@ -25,6 +28,7 @@ from typing import Any, TypeVar
 from urllib.parse import parse_qsl, urlsplit
 
 import aioboto3
+import aiohttp
 from botocore.config import Config
 from botocore.exceptions import (
     BotoCoreError,
@@ -44,7 +48,19 @@ log = logging.getLogger(__name__)
 _T = TypeVar("_T")
 _SIZE_RE = re.compile(r"^\s*(\d+)\s*(|b|k|kb|kib|m|mb|mib|g|gb|gib)\s*$", re.IGNORECASE)
 _SIZE_UNITS = {"": 1, "b": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30}
-_SECRET_SETTINGS = {"aws_access_key_id", "aws_secret_access_key", "aws_session_token", "access_key", "secret_key"}
+_SECRET_SETTINGS = {
+    "aws_access_key_id",
+    "aws_secret_access_key",
+    "aws_session_token",
+    "access_key",
+    "secret_key",
+    "sse_c_key",
+    "sse_customer_key",
+}
+#: Where an SSE-C key is read from (base64 of 32 bytes); never from the URL.
+SSE_C_KEY_ENV = "VUA_S3_SSE_C_KEY"
+_SSE_WRITES = ("PutObject", "CreateMultipartUpload")
+_SSE_C_OPERATIONS = (*_SSE_WRITES, "UploadPart", "CompleteMultipartUpload", "GetObject", "HeadObject")
 _NOT_FOUND = {"404", "NoSuchKey", "NotFound"}
 _DENIED = {"403", "AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "AllAccessDisabled"}
 # Answers that mean "try later", not "this request is wrong": an outage once retries are spent.
@@ -123,9 +139,17 @@ class S3Settings:
     multipart_threshold: int = 32 << 20
     """Objects larger than this are uploaded in parts and read in ranges."""
     max_attempts: int = 5
+    """Tries per request, the first included (as AWS_MAX_ATTEMPTS); 1 disables retries."""
     retry_mode: str = "standard"
+    """botocore retry mode: ``standard`` (exponential backoff with jitter) or ``adaptive``
+    (also slows the client down while the server throttles)."""
     connect_timeout: float = 10.0
     read_timeout: float = 60.0
+    sse: str = "none"
+    """Server-side encryption of new objects: ``sse-s3`` (AES256), ``sse-kms`` (with
+    ``sse_kms_key_id`` or the bucket's default key) or ``sse-c`` (customer key, read
+    from the environment variable ``VUA_S3_SSE_C_KEY``, base64; VAST and AWS)."""
+    sse_kms_key_id: str | None = None
 
     @classmethod
     def from_query(cls, query: str) -> S3Settings:
@@ -148,6 +172,8 @@ class S3Settings:
                 raise InvalidLocationError(f"bad value for S3 setting {name!r}: {exc}") from None
         if settings.part_size < MIN_PART_SIZE:
             raise InvalidLocationError(f"part_size must be at least {MIN_PART_SIZE} bytes (an S3 limit)")
+        if settings.sse_kms_key_id and settings.sse != "sse-kms":
+            raise InvalidLocationError("sse_kms_key_id needs sse=sse-kms")
         return settings
 
     def botocore_config(self) -> Config:
@@ -156,7 +182,7 @@ class S3Settings:
             max_pool_connections=self.concurrency,
             connect_timeout=self.connect_timeout,
             read_timeout=self.read_timeout,
-            retries={"max_attempts": self.max_attempts, "mode": self.retry_mode},
+            retries={"total_max_attempts": self.max_attempts, "mode": self.retry_mode},
             s3={"addressing_style": self.addressing},
             request_checksum_calculation=self.checksum,
             response_checksum_validation=self.checksum,
@@ -178,8 +204,24 @@ _SETTING_PARSERS: dict[str, Callable[[str], Any]] = {
     "retry_mode": _parse_choice("standard", "adaptive", "legacy"),
     "connect_timeout": _parse_seconds,
     "read_timeout": _parse_seconds,
+    "sse": _parse_choice("none", "sse-s3", "sse-kms", "sse-c"),
+    "sse_kms_key_id": str,
 }
 assert set(_SETTING_PARSERS) == {f.name for f in fields(S3Settings)}
+
+
+def _sse_c_key() -> bytes:
+    """The SSE-C key from the environment; errors never show the value."""
+    text = os.environ.get(SSE_C_KEY_ENV, "")
+    try:
+        key = base64.b64decode(text, validate=True)
+    except (binascii.Error, ValueError):
+        key = b""
+    if len(key) != 32:
+        raise InvalidLocationError(
+            f"sse=sse-c needs a 256-bit key, base64-encoded, in the environment variable {SSE_C_KEY_ENV}"
+        )
+    return key
 
 
 class _BufferReader(io.RawIOBase):
@@ -239,6 +281,7 @@ class S3Store(Store):
         self.settings = settings or S3Settings()
         self.url = f"s3://{bucket}/{self.prefix}" if self.prefix else f"s3://{bucket}"
         self._session = session or aioboto3.Session(profile_name=self.settings.profile)
+        self._sse_c_key = _sse_c_key() if self.settings.sse == "sse-c" else None
         self._clients: dict[asyncio.AbstractEventLoop, _LoopClient] = {}
         self._client_lock: dict[asyncio.AbstractEventLoop, asyncio.Lock] = {}
 
@@ -278,6 +321,8 @@ class S3Store(Store):
                 config=s.botocore_config(),
             )
             client = await context.__aenter__()
+            for operation in _SSE_C_OPERATIONS:
+                client.meta.events.register(f"provide-client-params.s3.{operation}", self._add_sse)
             try:
                 await client.head_bucket(Bucket=self.bucket)
             except BaseException as exc:
@@ -288,6 +333,25 @@ class S3Store(Store):
             found = _LoopClient(context, client, asyncio.Semaphore(s.concurrency))
             self._clients[loop] = found
             return found
+
+    def sse_params(self, operation: str) -> dict[str, Any]:
+        """The encryption parameters the settings add to an S3 ``operation`` (e.g. ``PutObject``)."""
+        s = self.settings
+        if self._sse_c_key is not None and operation in _SSE_C_OPERATIONS:
+            return {"SSECustomerAlgorithm": "AES256", "SSECustomerKey": self._sse_c_key}
+        if operation not in _SSE_WRITES or s.sse in ("none", "sse-c"):
+            return {}
+        if s.sse == "sse-s3":
+            return {"ServerSideEncryption": "AES256"}
+        params = {"ServerSideEncryption": "aws:kms"}
+        if s.sse_kms_key_id:
+            params["SSEKMSKeyId"] = s.sse_kms_key_id
+        return params
+
+    def _add_sse(self, params: dict[str, Any], model: Any, **_: Any) -> None:
+        """botocore hook: every request of the data path carries the configured encryption."""
+        for name, value in self.sse_params(model.name).items():
+            params.setdefault(name, value)
 
     def _error(self, exc: BaseException, operation: str, key: str) -> StoreError:
         """A vua_s3 error naming the bucket, key and operation (never credentials)."""
@@ -314,7 +378,7 @@ class S3Store(Store):
                 f"{operation} on {where}: TLS failed ({exc}); if the endpoint uses a private CA, "
                 "set ca_bundle=/path/to/ca.pem in the URL"
             )
-        if isinstance(exc, (BotoConnectionError, HTTPClientError, IncompleteReadError)):
+        if isinstance(exc, (BotoConnectionError, HTTPClientError, IncompleteReadError, aiohttp.ClientError)):
             return StoreUnavailableError(f"{operation} on {where} failed: {type(exc).__name__}: {exc}")
         return StoreError(f"{operation} on {where} failed: {type(exc).__name__}: {exc}")
 
@@ -327,7 +391,7 @@ class S3Store(Store):
         async with lc.limit:
             try:
                 return await request(lc.client)
-            except (ClientError, BotoCoreError) as exc:
+            except (ClientError, BotoCoreError, aiohttp.ClientError) as exc:
                 raise self._error(exc, operation, key) from None
 
     async def get(self, key: str, size: int | None = None) -> bytearray:
@@ -364,7 +428,7 @@ class S3Store(Store):
             while filled < length:
                 n = await body.readinto(view[filled:])
                 if not n:
-                    raise StoreError(f"connection closed after {filled} of {length} bytes of {name}")
+                    raise StoreUnavailableError(f"connection closed after {filled} of {length} bytes of {name}")
                 filled += n
         return buf
 
