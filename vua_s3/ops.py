@@ -26,6 +26,7 @@ from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError, SSLError
 from botocore.exceptions import ConnectionError as BotoConnectionError
 
+from . import logsafe
 from .errors import InvalidLocationError
 from .loop import gather_or_cancel
 from .posix import FILE_MODE, PosixStore
@@ -88,6 +89,7 @@ def format_checks(checks: list[Check]) -> str:
 def _s3_client(store: S3Store, *, checksum: str | None = None) -> Any:
     """A plain boto3 client with the store's settings (and, for one probe, another checksum mode)."""
     s = store.settings
+    logsafe.install()
     config = s.botocore_config()
     if checksum is not None:
         config = config.merge(Config(request_checksum_calculation=checksum, response_checksum_validation=checksum))

@@ -78,7 +78,7 @@ class PosixStore(Store):
 
     def _write(self, path: Path, data: Buffer) -> None:
         try:
-            path.parent.mkdir(mode=DIR_MODE, parents=True, exist_ok=True)
+            _make_dirs(path.parent)
             fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=path.parent)
             try:
                 os.fchmod(fd, FILE_MODE)
@@ -138,3 +138,14 @@ class PosixStore(Store):
                         continue
                     found.append(ObjectInfo(key=key, size=st.st_size, last_modified=st.st_mtime))
         return found
+
+
+def _make_dirs(path: Path) -> None:
+    """``mkdir -p`` where every new directory gets DIR_MODE: ``Path.mkdir(parents=True)``
+    gives the parents the umask's default, world-writable under ``umask 0``."""
+    missing = []
+    while not path.is_dir():
+        missing.append(path)
+        path = path.parent
+    for directory in reversed(missing):
+        directory.mkdir(mode=DIR_MODE, exist_ok=True)

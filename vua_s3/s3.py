@@ -39,6 +39,7 @@ from botocore.exceptions import (
 )
 from botocore.exceptions import ConnectionError as BotoConnectionError
 
+from . import logsafe
 from .errors import AccessDeniedError, InvalidLocationError, ObjectNotFoundError, StoreError, StoreUnavailableError
 from .loop import gather_or_cancel
 from .store import Buffer, ObjectInfo, Store, redact_url
@@ -321,6 +322,7 @@ class S3Store(Store):
                 config=s.botocore_config(),
             )
             client = await context.__aenter__()
+            logsafe.install()
             for operation in _SSE_C_OPERATIONS:
                 client.meta.events.register(f"provide-client-params.s3.{operation}", self._add_sse)
             try:
