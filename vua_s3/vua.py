@@ -103,6 +103,8 @@ class AsyncVUA:
         return limit
 
     def _groups(self, ids: torch.Tensor, salt: str | None) -> list[_Group]:
+        if salt is not None and not isinstance(salt, str):
+            raise TypeError(f"salt must be a string or None, got {type(salt).__name__}")
         cfg = self._config
         digests = group_digests(ids, cfg.split_factor, cfg.namespace, salt)
         return [
