@@ -76,27 +76,27 @@ def plan(seed: int, steps: int) -> list[tuple[str, torch.Tensor]]:
     return ops
 
 
-def run_sync(vua: VUA, seed: int, steps: int) -> list[torch.Tensor]:
-    """Play a plan on a sync VUA; return what it stored."""
-    stored = []
+def run_sync(vua: VUA, seed: int, steps: int) -> tuple[list[torch.Tensor], int]:
+    """Play a plan on a sync VUA; return what it stored and how many tokens its reads got."""
+    stored, hit = [], 0
     for kind, tokens in plan(seed, steps):
         if kind == "put":
             vua.put(tokens, kv_for(tokens))
             stored.append(tokens)
         else:
-            check(tokens, vua.get_closest(tokens))
-    return stored
+            hit += check(tokens, vua.get_closest(tokens))
+    return stored, hit
 
 
-async def run_async(vua: AsyncVUA, seed: int, steps: int) -> list[torch.Tensor]:
-    stored = []
+async def run_async(vua: AsyncVUA, seed: int, steps: int) -> tuple[list[torch.Tensor], int]:
+    stored, hit = [], 0
     for kind, tokens in plan(seed, steps):
         if kind == "put":
             await vua.put(tokens, kv_for(tokens))
             stored.append(tokens)
         else:
-            check(tokens, await vua.get_closest(tokens))
-    return stored
+            hit += check(tokens, await vua.get_closest(tokens))
+    return stored, hit
 
 
 def verify_store(location: str, stored: list[torch.Tensor]) -> None:
@@ -129,10 +129,10 @@ def _process(location: str, seed: int, steps: int, barrier: Any, results: Any) -
     try:
         with VUA(CFG, location) as vua:
             barrier.wait(60)
-            stored = run_sync(vua, seed, steps)
-        results.put((seed, [t.tolist() for t in stored], None))
+            stored, hit = run_sync(vua, seed, steps)
+        results.put((seed, [t.tolist() for t in stored], hit, None))
     except BaseException as exc:
-        results.put((seed, [], f"{type(exc).__name__}: {exc}"))
+        results.put((seed, [], 0, f"{type(exc).__name__}: {exc}"))
 
 
 def test_processes_share_one_store(location: str) -> None:
@@ -149,18 +149,22 @@ def test_processes_share_one_store(location: str) -> None:
     for proc in procs:
         proc.join(30)
         assert proc.exitcode == 0
-    assert [error for _, _, error in outcomes if error] == []
-    verify_store(location, [torch.tensor(t) for _, stored, _ in outcomes for t in stored])
+    assert [error for *_, error in outcomes if error] == []
+    assert sum(hit for _, _, hit, _ in outcomes) > 0  # reads did get data, checked token by token
+    verify_store(location, [torch.tensor(t) for _, stored, _, _ in outcomes for t in stored])
 
 
 def test_threads_share_one_vua(location: str) -> None:
     stored: list[torch.Tensor] = []
+    hits: list[int] = []
     errors: list[BaseException] = []
     with VUA(CFG, location) as vua:
 
         def worker(seed: int) -> None:
             try:
-                stored.extend(run_sync(vua, seed, 8))
+                mine, hit = run_sync(vua, seed, 8)
+                stored.extend(mine)
+                hits.append(hit)
             except BaseException as exc:
                 errors.append(exc)
 
@@ -170,15 +174,17 @@ def test_threads_share_one_vua(location: str) -> None:
         for thread in threads:
             thread.join(120)
     assert errors == []
+    assert sum(hits) > 0
     verify_store(location, stored)
 
 
 def test_tasks_share_one_async_vua(location: str) -> None:
     tasks = 12
 
-    async def main() -> list[torch.Tensor]:
+    async def main() -> list[tuple[list[torch.Tensor], int]]:
         async with AsyncVUA(CFG, location) as vua:
-            runs = await asyncio.gather(*(run_async(vua, seed, 6) for seed in range(tasks)))
-        return [t for run in runs for t in run]
+            return await asyncio.gather(*(run_async(vua, seed, 6) for seed in range(tasks)))
 
-    verify_store(location, asyncio.run(main()))
+    runs = asyncio.run(main())
+    assert sum(hit for _, hit in runs) > 0
+    verify_store(location, [t for stored, _ in runs for t in stored])
