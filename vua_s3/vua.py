@@ -178,7 +178,7 @@ class AsyncVUA:
         """
         try:
             result = await asyncio.wait_for(work, self._timeout)
-        except (StoreUnavailableError, TimeoutError) as exc:
+        except (StoreUnavailableError, asyncio.TimeoutError) as exc:  # distinct classes on Python 3.10
             reason = str(exc) or f"{verb} took longer than timeout={self._timeout}s"
             if self._strict:
                 if isinstance(exc, StoreUnavailableError):
