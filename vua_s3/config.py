@@ -7,8 +7,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Generic, TypeVar
 
-from .errors import SplitFactorError
-
 if TYPE_CHECKING:
     import torch
 
@@ -86,8 +84,3 @@ class VUAConfig:
 
     # The original VUA spelled it in the singular.
     tokens_to_path = tokens_to_paths
-
-    def check_split(self, num_tokens: int) -> None:
-        """Raise :class:`SplitFactorError` unless ``num_tokens`` fills whole groups."""
-        if num_tokens % self.split_factor:
-            raise SplitFactorError(num_tokens, self.split_factor)

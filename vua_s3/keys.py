@@ -21,6 +21,8 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from .errors import SplitFactorError
+
 if TYPE_CHECKING:
     from .config import VUAConfig
 
@@ -38,8 +40,6 @@ def token_ids(tokens: torch.Tensor, split_factor: int) -> torch.Tensor:
     Accepts ``[n]`` or ``[1, n]`` integer tensors whose length is a multiple of
     ``split_factor`` (the caller trims first).
     """
-    from .errors import SplitFactorError
-
     if not isinstance(tokens, torch.Tensor):
         raise TypeError(f"tokens must be a torch.Tensor, got {type(tokens).__name__}")
     if tokens.dim() == 2 and tokens.size(0) == 1:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import threading
 from collections.abc import Coroutine
 from typing import Any, TypeVar
@@ -31,6 +32,14 @@ class BackgroundLoop:
             coro.close()
             raise RuntimeError("this VUA object is closed")
         return asyncio.run_coroutine_threadsafe(coro, self._loop).result()
+
+    def submit(self, coro: Coroutine[Any, Any, _T]) -> concurrent.futures.Future[_T]:
+        """Start ``coro`` on the background loop without waiting: work that must not
+        hold up the caller (uploads behind an inference step)."""
+        if self._loop.is_closed():
+            coro.close()
+            raise RuntimeError("this VUA object is closed")
+        return asyncio.run_coroutine_threadsafe(coro, self._loop)
 
     def stop(self) -> None:
         """Stop the loop and its thread; later calls to :meth:`run` fail clearly."""

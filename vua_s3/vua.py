@@ -252,12 +252,6 @@ class AsyncVUA:
 
     def _trim(self, tokens: torch.Tensor) -> torch.Tensor | None:
         """The query as 1-D tokens trimmed to whole groups; ``None`` if shorter than one group."""
-        if tokens.dim() == 2 and tokens.size(0) == 1:
-            tokens = tokens[0]
-        if tokens.dim() != 1:
-            raise ValueError(
-                f"get_closest takes tokens of shape [n] or [1, n] (or a list of them), got {list(tokens.shape)}"
-            )
         if tokens.numel() == 0:
             raise ValueError("tokens is empty: there is nothing to look up")
         trimmed = self._config.trim_to_split_factor(tokens)

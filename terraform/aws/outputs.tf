@@ -1,0 +1,44 @@
+output "url" {
+  description = "The URL to give vua_s3 (VUA(..., url) or the vLLM connector's \"url\"). Credentials are not part of it; nodes use the standard AWS chain."
+  value       = "s3://${aws_s3_bucket.cache.id}/${var.prefix}?region=${local.region}"
+}
+
+output "bucket_url" {
+  description = "s3://bucket/prefix of the cache, without client settings."
+  value       = "s3://${aws_s3_bucket.cache.id}/${var.prefix}"
+}
+
+output "bucket_name" {
+  description = "Name of the cache bucket."
+  value       = aws_s3_bucket.cache.id
+}
+
+output "bucket_arn" {
+  description = "ARN of the cache bucket."
+  value       = aws_s3_bucket.cache.arn
+}
+
+output "region" {
+  description = "Region the bucket lives in."
+  value       = local.region
+}
+
+output "policy_arn" {
+  description = "ARN of the least-privilege IAM policy for inference nodes."
+  value       = aws_iam_policy.inference.arn
+}
+
+output "policy_json" {
+  description = "The rendered IAM policy document, for review."
+  value       = local.inference_policy_json
+}
+
+output "vllm_kv_transfer_config" {
+  description = "JSON for vLLM's --kv-transfer-config that points the VUAS3Connector at this cache."
+  value = jsonencode({
+    kv_connector              = "VUAS3Connector"
+    kv_connector_module_path  = "vua_s3.integrations.vllm"
+    kv_role                   = "kv_both"
+    kv_connector_extra_config = { url = "s3://${aws_s3_bucket.cache.id}/${var.prefix}?region=${local.region}" }
+  })
+}
