@@ -16,7 +16,6 @@ import threading
 from typing import Any
 
 import torch
-from conftest import assert_kv_equal
 
 from vua_s3 import VUA, AsyncVUA, ClosestKV, VUAConfig, open_store
 from vua_s3 import fragment as fragment_format
@@ -58,7 +57,13 @@ def check(query: torch.Tensor, res: ClosestKV | None) -> int:
     n = res.tokens.numel()
     assert n > 0 and n % S == 0 and n <= query.numel()
     assert torch.equal(res.tokens, query[:n])
-    assert_kv_equal(res.data, [(k[:, :, :n], v[:, :, :n]) for k, v in kv_for(query[:n])])
+    # Worker processes import this module on their own, where "conftest" may name another
+    # directory's conftest, so the comparison is spelled out here (exact, dtype and shape).
+    want = kv_for(query[:n])
+    assert len(res.data) == len(want)
+    for got_pair, want_pair in zip(res.data, want, strict=True):
+        for got, expected in zip(got_pair, want_pair, strict=True):
+            assert got.dtype == expected.dtype and got.shape == expected.shape and torch.equal(got, expected)
     return n
 
 
