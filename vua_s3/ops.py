@@ -39,6 +39,15 @@ _AGE_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
 _GC_BATCH = 256
 
 PASS, WARN, FAIL, SKIP = "pass", "warn", "FAIL", "skip"
+# How S3 systems answer a checksum header they do not support.
+_CHECKSUM_REFUSALS = {
+    "400",
+    "InvalidArgument",
+    "InvalidRequest",
+    "NotImplemented",
+    "BadDigest",
+    "XAmzContentSHA256Mismatch",
+}
 
 
 def parse_age(text: str) -> float:
@@ -124,39 +133,53 @@ class _S3Doctor:
         if not self._credentials() or not self._bucket():
             return self._skip_rest()
         client = _s3_client(self.store)
-        steps: list[tuple[str, Callable[[Any], str], str]] = [
-            ("put", self._put, f"grant s3:PutObject on arn:aws:s3:::{self.bucket}/{self.store.prefix}*"),
-            ("head", self._head, f"grant s3:GetObject on arn:aws:s3:::{self.bucket}/{self.store.prefix}*"),
-            ("get", self._get, f"grant s3:GetObject on arn:aws:s3:::{self.bucket}/{self.store.prefix}*"),
-            ("ranged get", self._ranged, "Range is ignored: set multipart_threshold above your fragment size"),
+        objects = f"arn:aws:s3:::{self.bucket}/{self.store.prefix}*"
+        multipart_fix = "the endpoint refuses multipart uploads: set multipart_threshold above your fragment size"
+        # (name, check, IAM action it needs, fix when the endpoint answers but misbehaves)
+        steps: list[tuple[str, Callable[[Any], str], str, str]] = [
+            ("put", self._put, "s3:PutObject", ""),
+            ("head", self._head, "s3:GetObject", ""),
+            ("get", self._get, "s3:GetObject", ""),
             (
-                "multipart",
-                self._multipart,
-                "the endpoint refuses multipart uploads: set multipart_threshold above your fragment size (max 5GiB)",
+                "ranged get",
+                self._ranged,
+                "s3:GetObject",
+                "Range is ignored: set multipart_threshold above your fragments",
             ),
-            ("conditional put", self._conditional, ""),
-            ("checksums", self._checksums, "this endpoint rejects CRC32 checksums: add checksum=when_required"),
-            ("delete", self._delete, f"grant s3:DeleteObject on arn:aws:s3:::{self.bucket} (needed by vua-s3 gc)"),
+            ("multipart", self._multipart, "s3:PutObject", multipart_fix),
+            ("conditional put", self._conditional, "s3:PutObject", ""),
+            (
+                "checksums",
+                self._checksums,
+                "s3:PutObject",
+                "this endpoint rejects CRC32 checksums: add checksum=when_required",
+            ),
+            ("delete", self._delete, "s3:DeleteObject", ""),
         ]
-        for name, step, fix in steps:
+        for name, step, action, fix in steps:
+            if name in ("head", "get", "ranged get") and self.checks[-1].status in (FAIL, SKIP):
+                self.checks.append(Check(name, SKIP, "needs an object: put failed"))
+                continue
             try:
                 detail = step(client)
             except (ClientError, BotoCoreError) as exc:
-                self._fail(name, exc, fix)
+                self._fail(name, exc, f"grant {action} on {objects}", fix)
             else:
                 status, detail = (WARN, detail[5:]) if detail.startswith("warn:") else (PASS, detail)
                 self.checks.append(Check(name, status, detail, fix if status == WARN else ""))
         self._cleanup(client)
         return self.checks
 
-    def _fail(self, name: str, exc: BaseException, fix: str) -> None:
+    def _fail(self, name: str, exc: BaseException, permission: str, fix: str) -> None:
+        """A failed check and the likeliest fix: a permission, the endpoint, the checksum mode."""
         code = _code(exc)
+        detail = f"{code}: {str(exc)[:160]}"
         if code in ("403", "AccessDenied"):
-            detail = f"refused ({code})"
-        else:
-            detail = f"{code}: {str(exc)[:160]}"
-            if isinstance(exc, BotoConnectionError):
-                fix = "the endpoint stopped answering: check it and run doctor again"
+            detail, fix = f"refused ({code})", permission
+        elif isinstance(exc, BotoConnectionError):
+            fix = "the endpoint stopped answering: check it and run doctor again"
+        elif self.store.settings.checksum == "when_supported" and code in _CHECKSUM_REFUSALS:
+            fix = "this endpoint rejects CRC32 checksums: add checksum=when_required"
         self.checks.append(Check(name, FAIL, detail, fix))
 
     def _skip_rest(self) -> list[Check]:
