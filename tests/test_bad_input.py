@@ -138,3 +138,113 @@ def test_posix_keys_cannot_escape_the_root(tmp_path) -> None:  # type: ignore[no
         with pytest.raises(ValueError, match="invalid key"):
             asyncio.run(store.put(key, b"x"))
     assert not (tmp_path / "outside").exists()
+
+
+@pytest.mark.parametrize(
+    ("options", "error", "message"),
+    [
+        ({"timeout": 0}, ValueError, "timeout must be a positive number"),
+        ({"timeout": -1.5}, ValueError, "timeout"),
+        ({"timeout": "5"}, ValueError, "timeout"),
+        ({"timeout": float("inf")}, ValueError, "timeout"),
+        ({"timeout": True}, ValueError, "timeout"),
+        ({"strict": "yes"}, TypeError, "strict must be True or False"),
+        ({"max_inflight": 0}, ValueError, "max_inflight must be a positive integer"),
+        ({"max_inflight": 2.5}, ValueError, "max_inflight"),
+        ({"retries": 3}, TypeError, "retries"),
+    ],
+)
+def test_bad_vua_options(tmp_path, options: dict[str, object], error: type[Exception], message: str) -> None:  # type: ignore[no-untyped-def]
+    with pytest.raises(error, match=message):
+        VUA(CFG, tmp_path, **options)
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize(
+    ("location", "message"),
+    [
+        ("s3://bucket/p?max_attempts=0", "max_attempts"),
+        ("s3://bucket/p?retry_mode=fast", "retry_mode"),
+        ("s3://bucket/p?connect_timeout=0", "connect_timeout"),
+        ("s3://bucket/p?read_timeout=-1", "read_timeout"),
+        ("s3://bucket/p?multipart_threshold=lots", "multipart_threshold"),
+        ("s3://bucket/p?concurrency=many", "concurrency"),
+        ("s3://bucket/p?checksum=always", "checksum"),
+        ("s3://bucket/p?strict=true", "unknown S3 setting 'strict'"),
+        ("s3://bucket/p?timeout=5", "unknown S3 setting 'timeout'"),
+        ("s3://bucket/p?Region=us-east-1", "unknown S3 setting 'Region'"),
+        ("file:///tmp/x?concurrency=4", "no host or settings"),
+    ],
+)
+def test_bad_url_settings_are_refused(location: str, message: str) -> None:
+    with pytest.raises(InvalidLocationError, match=message):
+        VUA(CFG, location)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "message"),
+    [
+        ({"split_factor": True}, TypeError, "int"),
+        ({"split_factor": "256"}, TypeError, "int"),
+        ({"namespace": "x" * 129}, ValueError, "namespace"),
+        ({"namespace": "-lead"}, ValueError, "namespace"),
+        ({"namespace": 7}, ValueError, "namespace"),
+    ],
+)
+def test_more_bad_config_values(kwargs: dict[str, object], error: type[Exception], message: str) -> None:
+    with pytest.raises(error, match=message):
+        VUAConfig(**kwargs)  # type: ignore[arg-type]
+
+
+def test_bad_salt_and_device_store_nothing(location: str) -> None:
+    with VUA(CFG, location) as vua:
+        for call in (
+            lambda: vua.put(TOKENS, random_kvcache(seq_len=32), salt=5),  # type: ignore[arg-type]
+            lambda: vua.get_closest(TOKENS, salt=b"tenant"),  # type: ignore[call-overload]
+            lambda: vua.lookup(TOKENS, salt=["t"]),  # type: ignore[arg-type]
+        ):
+            with pytest.raises(TypeError, match="salt must be a string"):
+                call()
+        with pytest.raises(RuntimeError, match="device"):
+            vua.get_closest(TOKENS, device="warp-drive")
+    assert asyncio.run(listing(location)) == {}
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["demo", "--tokens", "0"],
+        ["demo", "--split-factor", "-16"],
+        ["demo", "--model", "gpt-17"],
+        ["demo", "--tokens", "many"],
+        ["gc", "/tmp/x", "--older-than", "soon"],
+        ["gc", "/tmp/x"],
+        ["doctor"],
+        ["stats"],
+        ["frobnicate"],
+    ],
+)
+def test_cli_rejects_bad_flags(argv: list[str], capsys) -> None:  # type: ignore[no-untyped-def]
+    from vua_s3.cli import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    assert exit_info.value.code == 2
+    assert "error:" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["ls", "gs://bucket/p"], "unknown URL scheme 'gs'"),
+        (["stats", "s3://bucket/p?colour=blue"], "unknown S3 setting 'colour'"),
+        (["gc", "s3://AKIA:s3cr3tValue@bucket/p", "--older-than", "1d"], "credentials are not accepted"),
+    ],
+)
+def test_cli_reports_bad_locations(argv: list[str], message: str, capsys) -> None:  # type: ignore[no-untyped-def]
+    from vua_s3.cli import main
+
+    assert main(argv) == 1
+    err = capsys.readouterr().err
+    assert message in err and err.startswith("vua-s3: error:")
+    assert "s3cr3tValue" not in err

@@ -93,8 +93,11 @@ def test_known_present_keys_skip_the_probe_and_vanished_ones_are_forgotten(locat
         assert vua.put(TOKENS, kv) == 4
         assert heads.keys == 4  # the cold put probed every group once
         assert vua.put(TOKENS, kv) == 0
-        assert vua.lookup(TOKENS) == 64
+        res = vua.get_closest(TOKENS)
+        assert res is not None and res.tokens.numel() == 64
         assert heads.keys == 4  # stored by this object moments ago: no HEAD needed
+        assert vua.lookup(TOKENS) == 64
+        assert heads.keys == 8  # a lookup always asks the store
 
         keys = CFG.tokens_to_paths(TOKENS)
 
@@ -109,8 +112,8 @@ def test_known_present_keys_skip_the_probe_and_vanished_ones_are_forgotten(locat
         res = vua.get_closest(TOKENS)  # trusts the cache, finds group 2 gone: the prefix ends there
         assert res is not None and res.tokens.numel() == 32
         assert_kv_equal(res.data, [(k[:, :, :32], v[:, :, :32]) for k, v in kv])
-        assert vua.lookup(TOKENS) == 32  # group 2 was forgotten and probed again
-        assert vua.put(TOKENS, kv) == 1  # and a put writes it back
+        assert vua.put(TOKENS, kv) == 1  # group 2 was forgotten, probed again and written back
+        assert heads.keys == 9
         assert vua.lookup(TOKENS) == 64
 
 

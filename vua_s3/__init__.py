@@ -11,6 +11,7 @@ from .errors import (
     ObjectNotFoundError,
     SplitFactorError,
     StoreError,
+    StoreUnavailableError,
     VUAError,
 )
 from .store import ObjectInfo, Store, open_store
@@ -27,6 +28,7 @@ __all__ = [
     "SplitFactorError",
     "Store",
     "StoreError",
+    "StoreUnavailableError",
     "VUAConfig",
     "VUAError",
     "open_store",

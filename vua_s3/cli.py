@@ -176,6 +176,44 @@ def ls(args: argparse.Namespace) -> int:
     return 0
 
 
+def doctor(args: argparse.Namespace) -> int:
+    """Check that a store can hold a cache; prints a table and how to fix each failure."""
+    from .ops import FAIL, doctor, format_checks
+
+    checks = doctor(args.url)
+    print(format_checks(checks))
+    return 1 if any(c.status == FAIL for c in checks) else 0
+
+
+def gc(args: argparse.Namespace) -> int:
+    """Delete fragments older than --older-than; a progress bar on a terminal, then a summary."""
+    from . import ops
+
+    def progress(done: int, total: int) -> None:
+        filled = 30 * done // total
+        print(f"\r[{'#' * filled}{'.' * (30 - filled)}] {done}/{total}", end="", file=sys.stderr, flush=True)
+
+    report = asyncio.run(
+        ops.gc(
+            args.url,
+            args.older_than,
+            namespace=args.namespace,
+            dry_run=args.dry_run,
+            progress=progress if sys.stderr.isatty() else None,
+        )
+    )
+    if sys.stderr.isatty() and report.expired:
+        print(file=sys.stderr)
+    verb = "would delete" if report.dry_run else "deleted"
+    print(
+        f"{verb} {report.deleted} of {report.scanned} objects ({_size(report.bytes_freed)}), "
+        f"{report.expired - report.deleted} rewritten meanwhile and kept, "
+        f"{report.skipped_foreign} non-fragment objects left alone; "
+        f"{'would abort' if report.dry_run else 'aborted'} {report.uploads_aborted} stale multipart uploads"
+    )
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="vua-s3", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true", help="log vua_s3's debug messages")
@@ -202,7 +240,34 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("stats", help="objects and bytes per namespace")
     p.add_argument("url", help="store location: s3://bucket/prefix?..., file:///path or a path")
     p.set_defaults(func=stats)
+
+    p = sub.add_parser("doctor", help="check that an endpoint and bucket can hold a cache, with fixes")
+    p.add_argument("url", help="store location: s3://bucket/prefix?..., file:///path or a path")
+    p.set_defaults(func=doctor)
+
+    p = sub.add_parser("gc", help="delete fragments older than an age (S3 LastModified, POSIX mtime)")
+    p.add_argument("url", help="store location: s3://bucket/prefix?..., file:///path or a path")
+    p.add_argument("--older-than", type=_age, required=True, help="age such as 7d, 12h, 30m (units s m h d w)")
+    p.add_argument("--namespace", type=_namespace, help="only this namespace")
+    p.add_argument("--dry-run", action="store_true", help="report what would be deleted, delete nothing")
+    p.set_defaults(func=gc)
     return parser
+
+
+def _namespace(text: str) -> str:
+    try:
+        return VUAConfig(namespace=text).namespace
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _age(text: str) -> float:
+    from .ops import parse_age
+
+    try:
+        return parse_age(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def _positive_int(text: str) -> int:
@@ -217,9 +282,9 @@ def _positive_int(text: str) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
-    )
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    if args.verbose:  # vua_s3's own messages only: botocore's debug output shows request signatures
+        logging.getLogger("vua_s3").setLevel(logging.DEBUG)
     try:
         return int(args.func(args))
     except VUAError as exc:

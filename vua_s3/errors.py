@@ -31,6 +31,12 @@ class StoreError(VUAError):
     """A storage backend failed in a way that is not a plain miss."""
 
 
+class StoreUnavailableError(StoreError):
+    """The store could not be reached or failed transiently: refused or reset connections,
+    timeouts, HTTP 5xx and throttling left after retries. An outage, not a configuration
+    error: ``get_closest`` and ``lookup`` serve it as a miss unless the cache is ``strict``."""
+
+
 class ObjectNotFoundError(StoreError, KeyError):
     """The requested key does not exist in the store."""
 

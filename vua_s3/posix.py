@@ -10,7 +10,7 @@ from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 from urllib.parse import unquote, urlsplit
 
-from .errors import AccessDeniedError, InvalidLocationError, ObjectNotFoundError, StoreError
+from .errors import AccessDeniedError, InvalidLocationError, ObjectNotFoundError, StoreError, StoreUnavailableError
 from .store import Buffer, ObjectInfo, Store
 
 FILE_MODE = 0o640
@@ -71,14 +71,14 @@ class PosixStore(Store):
         except PermissionError as exc:
             raise AccessDeniedError(f"reading {path}: {exc.strerror}") from None
         except OSError as exc:
-            raise StoreError(f"reading {path}: {exc}") from exc
+            raise StoreUnavailableError(f"reading {path}: {exc}") from exc
 
     async def put(self, key: str, data: Buffer) -> None:
         await asyncio.to_thread(self._write, self._path(key), data)
 
     def _write(self, path: Path, data: Buffer) -> None:
         try:
-            path.parent.mkdir(mode=DIR_MODE, parents=True, exist_ok=True)
+            _make_dirs(path.parent)
             fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=path.parent)
             try:
                 os.fchmod(fd, FILE_MODE)
@@ -107,6 +107,8 @@ class PosixStore(Store):
             return None
         except PermissionError as exc:
             raise AccessDeniedError(f"checking {path}: {exc.strerror}") from None
+        except OSError as exc:
+            raise StoreUnavailableError(f"checking {path}: {exc}") from exc
         return ObjectInfo(key=key, size=st.st_size, last_modified=st.st_mtime)
 
     async def delete(self, key: str) -> None:
@@ -136,3 +138,14 @@ class PosixStore(Store):
                         continue
                     found.append(ObjectInfo(key=key, size=st.st_size, last_modified=st.st_mtime))
         return found
+
+
+def _make_dirs(path: Path) -> None:
+    """``mkdir -p`` where every new directory gets DIR_MODE: ``Path.mkdir(parents=True)``
+    gives the parents the umask's default, world-writable under ``umask 0``."""
+    missing = []
+    while not path.is_dir():
+        missing.append(path)
+        path = path.parent
+    for directory in reversed(missing):
+        directory.mkdir(mode=DIR_MODE, exist_ok=True)

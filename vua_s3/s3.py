@@ -15,6 +15,8 @@ GETs into one preallocated buffer.
 from __future__ import annotations
 
 import asyncio
+import base64
+import binascii
 import contextlib
 import io
 import logging
@@ -35,10 +37,18 @@ from aiohttp.payload import Payload
 from botocore.auth import S3SigV4Auth
 from botocore.awsrequest import AWSRequest
 from botocore.config import Config
-from botocore.exceptions import BotoCoreError, ClientError
+from botocore.exceptions import (
+    BotoCoreError,
+    ClientError,
+    HTTPClientError,
+    IncompleteReadError,
+    SSLError,
+)
+from botocore.exceptions import ConnectionError as BotoConnectionError
 from yarl import URL
 
-from .errors import AccessDeniedError, InvalidLocationError, ObjectNotFoundError, StoreError
+from . import logsafe
+from .errors import AccessDeniedError, InvalidLocationError, ObjectNotFoundError, StoreError, StoreUnavailableError
 from .loop import gather_or_cancel
 from .store import Buffer, ObjectInfo, SizeMismatchError, Store, redact_url
 
@@ -47,9 +57,30 @@ log = logging.getLogger(__name__)
 _T = TypeVar("_T")
 _SIZE_RE = re.compile(r"^\s*(\d+)\s*(|b|k|kb|kib|m|mb|mib|g|gb|gib)\s*$", re.IGNORECASE)
 _SIZE_UNITS = {"": 1, "b": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30}
-_SECRET_SETTINGS = {"aws_access_key_id", "aws_secret_access_key", "aws_session_token", "access_key", "secret_key"}
+_SECRET_SETTINGS = {
+    "aws_access_key_id",
+    "aws_secret_access_key",
+    "aws_session_token",
+    "access_key",
+    "secret_key",
+    "sse_c_key",
+    "sse_customer_key",
+}
+#: Where an SSE-C key is read from (base64 of 32 bytes); never from the URL.
+SSE_C_KEY_ENV = "VUA_S3_SSE_C_KEY"
+_SSE_WRITES = ("PutObject", "CreateMultipartUpload")
+_SSE_C_OPERATIONS = (*_SSE_WRITES, "UploadPart", "CompleteMultipartUpload", "GetObject", "HeadObject")
 _NOT_FOUND = {"404", "NoSuchKey", "NotFound"}
 _DENIED = {"403", "AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "AllAccessDisabled"}
+# Answers that mean "try later", not "this request is wrong": an outage once retries are spent.
+_UNAVAILABLE = {
+    "SlowDown",
+    "ServiceUnavailable",
+    "InternalError",
+    "RequestTimeout",
+    "Throttling",
+    "ThrottlingException",
+}
 MIN_PART_SIZE = 5 << 20  # S3's smallest allowed multipart part (all but the last)
 
 
@@ -121,9 +152,17 @@ class S3Settings:
     fast as 16 MiB parts or faster (README, "Performance"); 128 MiB keeps llama3-70b's
     80 MiB fragments whole too."""
     max_attempts: int = 5
+    """Tries per request, the first included (as AWS_MAX_ATTEMPTS); 1 disables retries."""
     retry_mode: str = "standard"
+    """botocore retry mode: ``standard`` (exponential backoff with jitter) or ``adaptive``
+    (also slows the client down while the server throttles)."""
     connect_timeout: float = 10.0
     read_timeout: float = 60.0
+    sse: str = "none"
+    """Server-side encryption of new objects: ``sse-s3`` (AES256), ``sse-kms`` (with
+    ``sse_kms_key_id`` or the bucket's default key) or ``sse-c`` (customer key, read
+    from the environment variable ``VUA_S3_SSE_C_KEY``, base64; VAST and AWS)."""
+    sse_kms_key_id: str | None = None
 
     @classmethod
     def from_query(cls, query: str) -> S3Settings:
@@ -146,6 +185,8 @@ class S3Settings:
                 raise InvalidLocationError(f"bad value for S3 setting {name!r}: {exc}") from None
         if settings.part_size < MIN_PART_SIZE:
             raise InvalidLocationError(f"part_size must be at least {MIN_PART_SIZE} bytes (an S3 limit)")
+        if settings.sse_kms_key_id and settings.sse != "sse-kms":
+            raise InvalidLocationError("sse_kms_key_id needs sse=sse-kms")
         return settings
 
     def botocore_config(self) -> Config:
@@ -154,7 +195,7 @@ class S3Settings:
             max_pool_connections=self.concurrency,
             connect_timeout=self.connect_timeout,
             read_timeout=self.read_timeout,
-            retries={"max_attempts": self.max_attempts, "mode": self.retry_mode},
+            retries={"total_max_attempts": self.max_attempts, "mode": self.retry_mode},
             s3={"addressing_style": self.addressing},
             request_checksum_calculation=self.checksum,
             response_checksum_validation=self.checksum,
@@ -176,8 +217,24 @@ _SETTING_PARSERS: dict[str, Callable[[str], Any]] = {
     "retry_mode": _parse_choice("standard", "adaptive", "legacy"),
     "connect_timeout": _parse_seconds,
     "read_timeout": _parse_seconds,
+    "sse": _parse_choice("none", "sse-s3", "sse-kms", "sse-c"),
+    "sse_kms_key_id": str,
 }
 assert set(_SETTING_PARSERS) == {f.name for f in fields(S3Settings)}
+
+
+def _sse_c_key() -> bytes:
+    """The SSE-C key from the environment; errors never show the value."""
+    text = os.environ.get(SSE_C_KEY_ENV, "")
+    try:
+        key = base64.b64decode(text, validate=True)
+    except (binascii.Error, ValueError):
+        key = b""
+    if len(key) != 32:
+        raise InvalidLocationError(
+            f"sse=sse-c needs a 256-bit key, base64-encoded, in the environment variable {SSE_C_KEY_ENV}"
+        )
+    return key
 
 
 class _SegmentBody(Payload):
@@ -262,14 +319,14 @@ async def _receive(body: Any, view: memoryview, name: str) -> None:
             while filled < length:
                 chunk, _ = await content.readchunk()
                 if not chunk:
-                    raise StoreError(f"connection closed after {filled} of {length} bytes of {name}")
+                    raise StoreUnavailableError(f"connection closed after {filled} of {length} bytes of {name}")
                 if filled + len(chunk) > length:
                     raise StoreError(f"{name} sent more than the {length} bytes it announced")
                 view[filled : filled + len(chunk)] = chunk
                 filled += len(chunk)
     except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
         failure = f"{type(exc).__name__}: {exc}"
-        raise StoreError(f"reading {name} failed after {filled} of {length} bytes: {failure}") from None
+        raise StoreUnavailableError(f"reading {name} failed after {filled} of {length} bytes: {failure}") from None
 
 
 class _AskBotocore(Exception):
@@ -337,6 +394,8 @@ class _LoopClient:
         self.client = client
         self.limit = limit
         self.direct = direct
+        self.after_direct: tuple[Any, Any] | None = None
+        """(context, client) with one attempt less, for HEADs the direct path made the first try of."""
 
 
 class S3Store(Store):
@@ -357,6 +416,7 @@ class S3Store(Store):
         self.settings = settings or S3Settings()
         self.url = f"s3://{bucket}/{self.prefix}" if self.prefix else f"s3://{bucket}"
         self._session = session or aioboto3.Session(profile_name=self.settings.profile)
+        self._sse_c_key = _sse_c_key() if self.settings.sse == "sse-c" else None
         self._clients: dict[asyncio.AbstractEventLoop, _LoopClient] = {}
         self._client_lock: dict[asyncio.AbstractEventLoop, asyncio.Lock] = {}
         self.requests: Counter[str] = Counter()
@@ -398,6 +458,9 @@ class S3Store(Store):
                 config=s.botocore_config(),
             )
             client = await context.__aenter__()
+            logsafe.install()
+            for operation in _SSE_C_OPERATIONS:
+                client.meta.events.register(f"provide-client-params.s3.{operation}", self._add_sse)
             bucket_urls: list[str] = []
             client.meta.events.register(
                 "before-send.s3.HeadBucket", lambda request, **_: bucket_urls.append(request.url)
@@ -411,12 +474,50 @@ class S3Store(Store):
                 raise
             direct = None
             credentials = await self._session.get_credentials()
-            if bucket_urls and credentials is not None and _DirectHead.usable():
+            if bucket_urls and credentials is not None and self._sse_c_key is None and _DirectHead.usable():
                 # The bucket's URL as botocore resolved it (endpoint, addressing, region).
                 direct = _DirectHead(bucket_urls[-1], client.meta.region_name, credentials, s)
             found = _LoopClient(context, client, asyncio.Semaphore(s.concurrency), direct)
             self._clients[loop] = found
             return found
+
+    async def _after_direct_client(self, lc: _LoopClient) -> Any:
+        """A client with one attempt less than the settings allow (at least one), so a HEAD
+        whose first try went the direct way still makes ``max_attempts`` tries in all."""
+        if lc.after_direct is None:
+            s = self.settings
+            context = self._session.client(
+                "s3",
+                endpoint_url=s.endpoint_url,
+                region_name=s.region,
+                verify=s.ca_bundle if s.ca_bundle and s.verify else s.verify,
+                config=replace(s, max_attempts=max(1, s.max_attempts - 1)).botocore_config(),
+            )
+            client = await context.__aenter__()
+            if lc.after_direct is not None:  # another task made one meanwhile
+                await context.__aexit__(None, None, None)
+            else:
+                lc.after_direct = (context, client)
+        return lc.after_direct[1]
+
+    def sse_params(self, operation: str) -> dict[str, Any]:
+        """The encryption parameters the settings add to an S3 ``operation`` (e.g. ``PutObject``)."""
+        s = self.settings
+        if self._sse_c_key is not None and operation in _SSE_C_OPERATIONS:
+            return {"SSECustomerAlgorithm": "AES256", "SSECustomerKey": self._sse_c_key}
+        if operation not in _SSE_WRITES or s.sse in ("none", "sse-c"):
+            return {}
+        if s.sse == "sse-s3":
+            return {"ServerSideEncryption": "AES256"}
+        params = {"ServerSideEncryption": "aws:kms"}
+        if s.sse_kms_key_id:
+            params["SSEKMSKeyId"] = s.sse_kms_key_id
+        return params
+
+    def _add_sse(self, params: dict[str, Any], model: Any, **_: Any) -> None:
+        """botocore hook: every request of the data path carries the configured encryption."""
+        for name, value in self.sse_params(model.name).items():
+            params.setdefault(name, value)
 
     def _error(self, exc: BaseException, operation: str, key: str) -> StoreError:
         """A vua_s3 error naming the bucket, key and operation (never credentials)."""
@@ -435,20 +536,33 @@ class S3Store(Store):
                 )
             if code == "NoSuchBucket":
                 return StoreError(f"bucket {self.bucket!r} does not exist at {self._endpoint()}")
+            if code in _UNAVAILABLE or (isinstance(status, int) and status >= 500):
+                return StoreUnavailableError(f"{operation} on {where} failed after retries: {code or status}")
             return StoreError(f"{operation} on {where} failed: {code or status}")
+        if isinstance(exc, SSLError):
+            return StoreError(
+                f"{operation} on {where}: TLS failed ({exc}); if the endpoint uses a private CA, "
+                "set ca_bundle=/path/to/ca.pem in the URL"
+            )
+        if isinstance(exc, (BotoConnectionError, HTTPClientError, IncompleteReadError, aiohttp.ClientError)):
+            return StoreUnavailableError(f"{operation} on {where} failed: {type(exc).__name__}: {exc}")
         return StoreError(f"{operation} on {where} failed: {type(exc).__name__}: {exc}")
 
     def _endpoint(self) -> str:
         return self.settings.endpoint_url or "the default AWS endpoint"
 
-    async def _call(self, operation: str, key: str, request: Callable[[Any], Awaitable[_T]]) -> _T:
-        """Run one request under the store's concurrency limit, mapping its errors."""
+    async def _call(
+        self, operation: str, key: str, request: Callable[[Any], Awaitable[_T]], *, after_direct: bool = False
+    ) -> _T:
+        """Run one request under the store's concurrency limit, mapping its errors.
+        ``after_direct``: the direct HEAD was its first try; botocore makes the others."""
         lc = await self._client()
+        client = await self._after_direct_client(lc) if after_direct else lc.client
         self.requests[operation] += 1
         async with lc.limit:
             try:
-                return await request(lc.client)
-            except (ClientError, BotoCoreError) as exc:
+                return await request(client)
+            except (ClientError, BotoCoreError, aiohttp.ClientError) as exc:
                 raise self._error(exc, operation, key) from None
 
     async def get(self, key: str, size: int | None = None) -> bytearray:
@@ -490,7 +604,8 @@ class S3Store(Store):
         expected = len(buf) if end is None else end - start
         if length != expected:
             response["Body"].close()
-            raise SizeMismatchError(f"read of {name} returned {length} bytes, expected {expected}")
+            too = "short" if length < expected else "long"
+            raise SizeMismatchError(f"the answer for {name} is too {too}: {length} bytes, expected {expected}")
         await _receive(response["Body"], buf[start : start + length], name)
 
     async def put(self, key: str, data: Buffer) -> None:
@@ -553,18 +668,22 @@ class S3Store(Store):
 
     async def _head(self, key: str) -> ObjectInfo | None:
         lc = await self._client()
+        tried = False
         if lc.direct is not None and lc.direct.enabled:
             self.requests["head_object"] += 1
             async with lc.limit:
                 try:
                     found = await lc.direct.head(self._object_key(key))
                 except _AskBotocore:
-                    pass
+                    tried = True
                 else:
                     return None if found is None else ObjectInfo(key=key, size=found[0], last_modified=found[1])
         try:
             response = await self._call(
-                "head_object", key, lambda c: c.head_object(Bucket=self.bucket, Key=self._object_key(key))
+                "head_object",
+                key,
+                lambda c: c.head_object(Bucket=self.bucket, Key=self._object_key(key)),
+                after_direct=tried,
             )
         except ObjectNotFoundError:
             return None
@@ -598,3 +717,5 @@ class S3Store(Store):
                 await lc.context.__aexit__(None, None, None)
                 if lc.direct is not None:
                     await lc.direct.close()
+                if lc.after_direct is not None:
+                    await lc.after_direct[0].__aexit__(None, None, None)

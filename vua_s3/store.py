@@ -56,7 +56,8 @@ class Store(ABC):
         Backends override this to receive in place; the default copies."""
         data = await self.get(key, len(out))
         if len(data) != len(out):
-            raise SizeMismatchError(f"{key} in {self.url} is {len(data)} bytes, expected {len(out)}")
+            too = "short" if len(data) < len(out) else "long"
+            raise SizeMismatchError(f"{key} in {self.url} is too {too}: {len(data)} bytes, expected {len(out)}")
         out[:] = data
 
     @abstractmethod

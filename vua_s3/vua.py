@@ -7,14 +7,14 @@ import logging
 import os
 import time
 from collections import OrderedDict
-from collections.abc import Sequence
-from typing import Any, NamedTuple, overload
+from collections.abc import Awaitable, Sequence
+from typing import Any, NamedTuple, TypeVar, overload
 
 import torch
 
 from . import fragment
 from .config import VUAConfig
-from .errors import ObjectNotFoundError
+from .errors import ObjectNotFoundError, StoreUnavailableError
 from .fragment import FragmentError, KVCache
 from .keys import fragment_key, group_digests, token_ids
 from .loop import BackgroundLoop, gather_or_cancel
@@ -24,6 +24,10 @@ log = logging.getLogger(__name__)
 
 Location = str | os.PathLike[str] | Store
 KVData = list[tuple[torch.Tensor, torch.Tensor]]
+_T = TypeVar("_T")
+
+#: Default bound on one ``get_closest``/``lookup`` query, seconds: past it the query is a miss.
+DEFAULT_TIMEOUT = 30.0
 
 
 class ClosestKV(NamedTuple):
@@ -184,17 +188,34 @@ class AsyncVUA:
         location: Location,
         *,
         max_inflight: int = 8,
+        strict: bool = False,
+        timeout: float | None = DEFAULT_TIMEOUT,
     ) -> None:
         """``location``: ``s3://bucket/prefix?settings``, ``file:///path``, a path, or a store.
 
         ``max_inflight`` bounds the fragments being encoded or decoded at once, and with
         them the memory held in transit.
+
+        A cache is an optimization, so by default an outage of the store (unreachable,
+        5xx after retries, slower than ``timeout`` seconds per query) makes
+        ``get_closest``/``lookup`` a miss, with one warning per outage. ``strict=True``
+        raises :class:`~vua_s3.errors.StoreUnavailableError` instead. Configuration
+        errors (access denied, missing bucket, bad settings) always raise.
         """
-        if max_inflight <= 0:
-            raise ValueError(f"max_inflight must be positive, got {max_inflight}")
+        if isinstance(max_inflight, bool) or not isinstance(max_inflight, int) or max_inflight <= 0:
+            raise ValueError(f"max_inflight must be a positive integer, got {max_inflight!r}")
+        if not isinstance(strict, bool):
+            raise TypeError(f"strict must be True or False, got {strict!r}")
+        if timeout is not None and (
+            isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not 0 < timeout < float("inf")
+        ):
+            raise ValueError(f"timeout must be a positive number of seconds or None, got {timeout!r}")
         self._config = VUAConfig.coerce(config)
         self._store = open_store(location)
         self._max_inflight = max_inflight
+        self._strict = strict
+        self._timeout = timeout
+        self._outage: str | None = None
         self._limits: dict[asyncio.AbstractEventLoop, asyncio.Semaphore] = {}
         self._known = _KnownPresent()
         self._pool = _BufferPool(keep=max_inflight)
@@ -214,9 +235,10 @@ class AsyncVUA:
             limit = self._limits[loop] = asyncio.Semaphore(self._max_inflight)
         return limit
 
-    async def _probe(self, keys: Sequence[str]) -> list[ObjectInfo | None]:
-        """One wave of HEADs for the keys not known to be present; hits are remembered."""
-        infos = [self._known.get(key) for key in keys]
+    async def _probe(self, keys: Sequence[str], *, trust_known: bool = True) -> list[ObjectInfo | None]:
+        """One wave of HEADs for the keys not known to be present (all of them unless
+        ``trust_known``); hits are remembered."""
+        infos = [self._known.get(key) if trust_known else None for key in keys]
         unknown = [i for i, info in enumerate(infos) if info is None]
         if unknown:
             found = await self._store.head_many([keys[i] for i in unknown])
@@ -227,6 +249,8 @@ class AsyncVUA:
         return infos
 
     def _groups(self, ids: torch.Tensor, salt: str | None) -> list[_Group]:
+        if salt is not None and not isinstance(salt, str):
+            raise TypeError(f"salt must be a string or None, got {type(salt).__name__}")
         cfg = self._config
         digests = group_digests(ids, cfg.split_factor, cfg.namespace, salt)
         return [
@@ -288,10 +312,37 @@ class AsyncVUA:
         tokens ends the prefix there (logged), so wrong KV is never returned.
         """
         if isinstance(tokens, torch.Tensor):
-            return await self._get_one(tokens, torch.device(device), salt)
+            return await self._guarded("get_closest", self._get_one(tokens, torch.device(device), salt), None)
         if not isinstance(tokens, Sequence) or not all(isinstance(t, torch.Tensor) for t in tokens):
             raise TypeError("tokens must be a tensor or a list of tensors")
-        return await gather_or_cancel(*(self._get_one(t, torch.device(device), salt) for t in tokens))
+        return await gather_or_cancel(
+            *(self._guarded("get_closest", self._get_one(t, torch.device(device), salt), None) for t in tokens)
+        )
+
+    async def _guarded(self, verb: str, work: Awaitable[_T], miss: _T) -> _T:
+        """``work`` bounded by the timeout; an outage is ``miss`` (or raises when strict).
+
+        Only :class:`StoreUnavailableError` and the timeout count as an outage; every
+        other error (access denied, missing bucket, bad input) propagates.
+        """
+        try:
+            result = await asyncio.wait_for(work, self._timeout)
+        except (StoreUnavailableError, asyncio.TimeoutError) as exc:  # distinct classes on Python 3.10
+            reason = str(exc) or f"{verb} took longer than timeout={self._timeout}s"
+            if self._strict:
+                if isinstance(exc, StoreUnavailableError):
+                    raise
+                raise StoreUnavailableError(f"{verb} on {self._store.url}: {reason}") from None
+            if self._outage is None:
+                log.warning(
+                    "store %s is unavailable, serving cache misses until it answers again: %s", self._store.url, reason
+                )
+            self._outage = reason
+            return miss
+        if self._outage is not None:
+            log.info("store %s answers again; cache hits resume", self._store.url)
+            self._outage = None
+        return result
 
     async def _get_one(self, tokens: torch.Tensor, device: torch.device, salt: str | None) -> ClosestKV | None:
         trimmed = self._trim(tokens)
@@ -354,7 +405,7 @@ class AsyncVUA:
                         size = info.size
                         continue
                 if isinstance(exc, SizeMismatchError) and attempt:
-                    log.warning("fragment %s keeps changing size, treated as a miss: %s", key, exc)
+                    log.warning("fragment %s in %s is unusable, treated as a miss: %s", key, self._store.url, exc)
                 else:
                     log.info("fragment %s vanished after the probe (expired or deleted)", key)
                 return None
@@ -387,12 +438,21 @@ class AsyncVUA:
         return trimmed if trimmed.numel() else None
 
     async def lookup(self, tokens: torch.Tensor, *, salt: str | None = None) -> int:
-        """How many leading tokens of ``tokens`` are stored, by probing only (no data moves)."""
+        """How many leading tokens of ``tokens`` are stored, by probing only (no data moves).
+
+        Like :meth:`get_closest`, an outage of the store gives 0 unless ``strict``.
+        """
+        return await self._guarded("lookup", self._lookup(tokens, salt), 0)
+
+    async def _lookup(self, tokens: torch.Tensor, salt: str | None) -> int:
         trimmed = self._trim(tokens)
         if trimmed is None:
             return 0
         groups = self._groups(token_ids(trimmed, self._config.split_factor), salt)
-        return len(_leading_hits(await self._probe([g.key for g in groups]))) * self._config.split_factor
+        # Always asked: a lookup tells what the store can serve now (an outage, a refusal, an
+        # expiry must show), where put and get_closest lose nothing by trusting the cache.
+        infos = await self._probe([g.key for g in groups], trust_known=False)
+        return len(_leading_hits(infos)) * self._config.split_factor
 
     async def close(self) -> None:
         """Release the store's connections."""

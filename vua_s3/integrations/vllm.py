@@ -399,7 +399,8 @@ class VUAS3Connector(KVConnectorBase_V1):  # type: ignore[misc]
     def _open(self, namespace: str) -> AsyncVUA:
         """An AsyncVUA on the shared store (closed once, by :meth:`shutdown`)."""
         config = VUAConfig(split_factor=self._settings.split_factor, namespace=namespace)
-        return AsyncVUA(config, self._store, max_inflight=self._settings.max_inflight)
+        # strict: the connector reports store failures itself and recovers each request.
+        return AsyncVUA(config, self._store, max_inflight=self._settings.max_inflight, strict=True)
 
     # ------------------------------------------------------------------ scheduler side
 

@@ -1,0 +1,204 @@
+"""Ops commands against real stores: ``vua-s3 doctor``, ``gc`` and ``stats``."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+from collections.abc import Iterator, Sequence
+
+import pytest
+import torch
+from conftest import random_kvcache, unique_prefix
+from faultproxy import Fault, FaultProxy
+from test_bad_input import listing
+
+from vua_s3 import VUA, VUAConfig, open_store
+from vua_s3.cli import main
+from vua_s3.embedded import EmbeddedS3, free_port
+from vua_s3.ops import FAIL, PASS, WARN, Check, doctor, gc, parse_age
+from vua_s3.posix import PosixStore
+from vua_s3.store import ObjectInfo, Store
+
+CFG = VUAConfig(split_factor=16, namespace="model-a")
+OTHER = VUAConfig(split_factor=16, namespace="model-b")
+TOKENS = torch.arange(64)
+
+
+def rows(checks: list[Check]) -> dict[str, str]:
+    return {c.name: c.status for c in checks}
+
+
+@pytest.fixture
+def proxy(moto_server: EmbeddedS3) -> Iterator[FaultProxy]:
+    with FaultProxy(moto_server.port) as px:
+        yield px
+
+
+# --- doctor ----------------------------------------------------------------------------------
+
+
+def test_doctor_passes_against_moto_and_cleans_up(moto_server, capsys) -> None:  # type: ignore[no-untyped-def]
+    prefix = unique_prefix()
+    assert main(["doctor", moto_server.url(prefix)]) == 0
+    out = capsys.readouterr().out
+    print(out)
+    for name in ("credentials", "bucket", "put", "head", "get", "ranged get", "multipart", "checksums", "delete"):
+        assert any(line.startswith(name + " ") and f"  {PASS} " in line for line in out.splitlines()), name
+    assert "conditional put" in out
+    assert asyncio.run(listing(moto_server.url(prefix))) == {}  # scratch objects removed
+    uploads = moto_server.client().list_multipart_uploads(Bucket=moto_server.bucket, Prefix=prefix)
+    assert not uploads.get("Uploads")
+
+
+def _checksum_refusing_proxy(proxy: FaultProxy) -> None:
+    """An endpoint that refuses boto3's default CRC32 checksum headers, as some S3 systems do."""
+    proxy.faults = [
+        Fault("status", status=400, code="InvalidArgument", header=header)
+        for header in ("x-amz-checksum-crc32", "x-amz-trailer", "x-amz-sdk-checksum-algorithm")
+    ]
+
+
+def test_doctor_names_the_checksum_fix(moto_server, proxy, capsys) -> None:  # type: ignore[no-untyped-def]
+    _checksum_refusing_proxy(proxy)
+    base = f"s3://{moto_server.bucket}/{unique_prefix()}?endpoint_url={proxy.endpoint_url}&region=us-east-1"
+    url = base + "&addressing=path&max_attempts=1"
+    assert main(["doctor", url + "&checksum=when_supported"]) == 1
+    out = capsys.readouterr().out
+    assert "fix checksums: this endpoint rejects CRC32 checksums: add checksum=when_required" in out
+    assert proxy.served("status") >= 1
+    checks = doctor(url)  # the default, when_required, works there: a warning, not a failure
+    assert rows(checks)["checksums"] == WARN
+    assert all(c.status in (PASS, WARN) for c in checks), checks
+
+
+def test_doctor_reports_missing_bucket_and_dead_endpoint(moto_server, capsys) -> None:  # type: ignore[no-untyped-def]
+    missing = moto_server.url("p").replace(f"s3://{moto_server.bucket}/", "s3://no-such-bucket/")
+    assert main(["doctor", missing]) == 1
+    assert "fix bucket: create bucket 'no-such-bucket' or correct its name" in capsys.readouterr().out
+    dead = f"s3://b/p?endpoint_url=http://127.0.0.1:{free_port()}&region=us-east-1&max_attempts=1&connect_timeout=1"
+    checks = doctor(dead)
+    assert rows(checks)["bucket"] == FAIL
+    assert "check endpoint_url" in next(c.fix for c in checks if c.name == "bucket")
+    assert rows(checks)["put"] == "skip"
+
+
+def test_doctor_without_credentials(moto_server, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    monkeypatch.delenv("AWS_ACCESS_KEY_ID")
+    monkeypatch.delenv("AWS_SECRET_ACCESS_KEY")
+    checks = doctor(moto_server.url("p"))
+    credentials = next(c for c in checks if c.name == "credentials")
+    assert credentials.status == FAIL and "AWS_ACCESS_KEY_ID" in credentials.fix
+
+
+def test_doctor_refused_access_names_the_permission(moto_server, proxy) -> None:  # type: ignore[no-untyped-def]
+    proxy.faults = [Fault("status", method="DELETE", status=403, code="AccessDenied")]
+    url = f"s3://{moto_server.bucket}/p?endpoint_url={proxy.endpoint_url}&region=us-east-1&addressing=path"
+    checks = doctor(url)
+    delete = next(c for c in checks if c.name == "delete")
+    assert delete.status == FAIL and "s3:DeleteObject" in delete.fix
+
+
+def test_doctor_on_posix(tmp_path, capsys) -> None:  # type: ignore[no-untyped-def]
+    assert main(["doctor", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "mode 640" in out
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_doctor_bad_url() -> None:
+    checks = doctor("s3://bucket/p?colour=blue")
+    assert checks[0].status == FAIL and "unknown S3 setting 'colour'" in checks[0].detail
+
+
+# --- gc --------------------------------------------------------------------------------------
+
+
+def _fill(location: str) -> None:
+    with VUA(CFG, location) as a, VUA(OTHER, location) as b:
+        a.put(TOKENS, random_kvcache(seq_len=64))
+        b.put(TOKENS, random_kvcache(seq_len=64))
+
+    async def foreign() -> None:
+        store = open_store(location)
+        await store.put("README.txt", b"not a fragment")
+        await store.put("model-a/notes/keep.txt", b"not a fragment either")
+        await store.close()
+
+    asyncio.run(foreign())
+
+
+def test_gc_deletes_only_old_fragments(location: str) -> None:
+    _fill(location)
+    before = asyncio.run(listing(location))
+    fresh = asyncio.run(gc(location, older_than=3600))
+    assert (fresh.scanned, fresh.expired, fresh.deleted) == (10, 0, 0)
+    assert asyncio.run(listing(location)) == before
+
+    dry = asyncio.run(gc(location, older_than=3600, now=time.time() + 7200, dry_run=True))
+    assert (dry.deleted, dry.skipped_foreign, dry.dry_run) == (8, 2, True)
+    assert asyncio.run(listing(location)) == before
+
+    report = asyncio.run(gc(location, older_than=3600, namespace="model-a", now=time.time() + 7200))
+    assert (report.scanned, report.deleted, report.skipped_foreign) == (5, 4, 1)
+    assert report.bytes_freed == sum(size for key, size in before.items() if key.endswith(".safetensors")) // 2
+    after = asyncio.run(listing(location))
+    assert sorted(after) == sorted(k for k in before if not k.startswith("model-a/") or k.endswith(".txt"))
+    with VUA(CFG, location) as a, VUA(OTHER, location) as b:
+        assert a.get_closest(TOKENS) is None
+        assert b.lookup(TOKENS) == 64
+        assert a.put(TOKENS, random_kvcache(seq_len=64)) == 4  # the cache simply fills again
+
+
+def test_gc_keeps_a_fragment_rewritten_while_it_runs(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """Another client rewrites a fragment between gc's listing and its delete: it stays."""
+    _fill(str(tmp_path))
+    old = time.time() - 3 * 86400
+    for path in tmp_path.rglob("*.safetensors"):
+        os.utime(path, (old, old))
+    rewritten = CFG.tokens_to_paths(TOKENS)[0]
+
+    class RacingStore(PosixStore):
+        async def head_many(self, keys: Sequence[str]) -> list[ObjectInfo | None]:
+            if rewritten in keys:
+                await self.put(rewritten, await self.get(rewritten))  # a writer's fresh copy
+            return await super().head_many(keys)
+
+    store: Store = RacingStore(tmp_path)
+    report = asyncio.run(gc(store, older_than=86400))
+    assert (report.expired, report.deleted) == (8, 7)
+    assert (tmp_path / rewritten).exists()
+
+
+def test_gc_cli_summary_and_flags(tmp_path, capsys) -> None:  # type: ignore[no-untyped-def]
+    _fill(str(tmp_path))
+    assert main(["gc", str(tmp_path), "--older-than", "7d", "--dry-run"]) == 0
+    assert "would delete 0 of 10 objects" in capsys.readouterr().out
+    assert main(["gc", str(tmp_path), "--older-than", "0s", "--namespace", "model-b"]) == 0
+    out = capsys.readouterr().out
+    assert "deleted 4 of 4 objects" in out and "aborted 0 stale multipart uploads" in out
+    for bad in (["--older-than", "7 days"], ["--older-than", "-1d"], ["--older-than", "1d", "--namespace", "a/b"], []):
+        with pytest.raises(SystemExit) as exit_info:
+            main(["gc", str(tmp_path), *bad])
+        assert exit_info.value.code == 2
+    assert "--older-than" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("text", "seconds"), [("7d", 7 * 86400), ("12h", 43200), ("30m", 1800), ("0s", 0), ("2w", 1209600)]
+)
+def test_parse_age(text: str, seconds: float) -> None:
+    assert parse_age(text) == seconds
+
+
+def test_stats_counts_objects_and_bytes_per_namespace(location: str, capsys) -> None:  # type: ignore[no-untyped-def]
+    _fill(location)
+    sizes = asyncio.run(listing(location))
+    assert main(["stats", location]) == 0
+    out = capsys.readouterr().out.splitlines()
+    row = next(line.split() for line in out if line.startswith("model-b "))
+    assert row[1] == "4"
+    assert main(["ls", location, "model-b"]) == 0
+    listed = capsys.readouterr().out.splitlines()
+    assert len(listed) == 4
+    assert sum(int(line.split()[2]) for line in listed) == sum(v for k, v in sizes.items() if k.startswith("model-b/"))
