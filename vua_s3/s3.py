@@ -438,6 +438,17 @@ class S3Store(Store):
     def _object_key(self, key: str) -> str:
         return f"{self.prefix}/{key}" if self.prefix else key
 
+    async def _open_client(self, s: S3Settings) -> tuple[Any, Any]:
+        """An entered aiobotocore client for ``s`` and its context (to exit on close)."""
+        context = self._session.client(
+            "s3",
+            endpoint_url=s.endpoint_url,
+            region_name=s.region,
+            verify=s.ca_bundle if s.ca_bundle and s.verify else s.verify,
+            config=s.botocore_config(),
+        )
+        return context, await context.__aenter__()
+
     async def _client(self) -> _LoopClient:
         """This loop's client, created (and the bucket checked) on first use."""
         loop = asyncio.get_running_loop()
@@ -450,14 +461,7 @@ class S3Store(Store):
             if found is not None:
                 return found
             s = self.settings
-            context = self._session.client(
-                "s3",
-                endpoint_url=s.endpoint_url,
-                region_name=s.region,
-                verify=s.ca_bundle if s.ca_bundle and s.verify else s.verify,
-                config=s.botocore_config(),
-            )
-            client = await context.__aenter__()
+            context, client = await self._open_client(s)
             logsafe.install()
             for operation in _SSE_C_OPERATIONS:
                 client.meta.events.register(f"provide-client-params.s3.{operation}", self._add_sse)
@@ -486,14 +490,7 @@ class S3Store(Store):
         whose first try went the direct way still makes ``max_attempts`` tries in all."""
         if lc.after_direct is None:
             s = self.settings
-            context = self._session.client(
-                "s3",
-                endpoint_url=s.endpoint_url,
-                region_name=s.region,
-                verify=s.ca_bundle if s.ca_bundle and s.verify else s.verify,
-                config=replace(s, max_attempts=max(1, s.max_attempts - 1)).botocore_config(),
-            )
-            client = await context.__aenter__()
+            context, client = await self._open_client(replace(s, max_attempts=max(1, s.max_attempts - 1)))
             if lc.after_direct is not None:  # another task made one meanwhile
                 await context.__aexit__(None, None, None)
             else:
