@@ -33,7 +33,7 @@ if __name__ == "__main__":
     if len(sys.argv) > 1:
         main(sys.argv[1])
     else:
-        from vua_s3.embedded import EmbeddedS3
+        from vua_s3.testing.moto import EmbeddedS3
 
         with EmbeddedS3() as server:
             main(server.store("quickstart"))

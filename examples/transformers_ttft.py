@@ -26,8 +26,8 @@ from typing import Any
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from vua_s3.embedded import EmbeddedS3
 from vua_s3.integrations.transformers import CachedPrefill, cached_prefill, kv_layout, vua_for_model
+from vua_s3.testing.moto import EmbeddedS3
 
 SIZES: dict[str, dict[str, Any]] = {
     "tiny": {

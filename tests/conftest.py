@@ -9,8 +9,8 @@ from collections.abc import Iterator
 import pytest
 import torch
 
-from vua_s3.embedded import EMBEDDED_CREDENTIALS, EmbeddedS3
-from vua_s3.seaweed import SeaweedS3, seaweed_available
+from vua_s3.testing.moto import EMBEDDED_CREDENTIALS, EmbeddedS3
+from vua_s3.testing.seaweed import SeaweedS3, seaweed_available
 
 # Tests only ever talk to servers they start: dummy credentials, no profile, no
 # instance metadata lookups.

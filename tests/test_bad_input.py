@@ -225,7 +225,7 @@ def test_bad_salt_and_device_store_nothing(location: str) -> None:
     ],
 )
 def test_cli_rejects_bad_flags(argv: list[str], capsys) -> None:  # type: ignore[no-untyped-def]
-    from vua_s3.cli import main
+    from vua_s3.cli.main import main
 
     with pytest.raises(SystemExit) as exit_info:
         main(argv)
@@ -242,7 +242,7 @@ def test_cli_rejects_bad_flags(argv: list[str], capsys) -> None:  # type: ignore
     ],
 )
 def test_cli_reports_bad_locations(argv: list[str], message: str, capsys) -> None:  # type: ignore[no-untyped-def]
-    from vua_s3.cli import main
+    from vua_s3.cli.main import main
 
     assert main(argv) == 1
     err = capsys.readouterr().err

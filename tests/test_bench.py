@@ -10,7 +10,7 @@ import json
 import pytest
 from conftest import unique_prefix
 
-from vua_s3.cli import main
+from vua_s3.cli.main import main
 
 FIGURE = {"seconds", "requests"}
 RATE = {"gib_per_s", "cpu_s_per_gib"}

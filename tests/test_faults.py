@@ -28,7 +28,7 @@ from conftest import assert_kv_equal, random_kvcache, unique_prefix
 from faultproxy import Fault, FaultProxy
 
 from vua_s3 import VUA, AccessDeniedError, StoreUnavailableError, VUAConfig
-from vua_s3.embedded import EMBEDDED_CREDENTIALS, EMBEDDED_REGION, EmbeddedS3, free_port
+from vua_s3.testing.moto import EMBEDDED_CREDENTIALS, EMBEDDED_REGION, EmbeddedS3, free_port
 
 CFG = VUAConfig(split_factor=16)
 TOKENS = torch.randint(0, 50_000, (64,), generator=torch.Generator().manual_seed(3))
@@ -170,7 +170,7 @@ def test_server_killed_mid_upload_then_back(prefix, caplog) -> None:  # type: ig
 def test_outage_during_multipart_leaves_an_upload_that_gc_removes(moto_server, proxy, prefix) -> None:  # type: ignore[no-untyped-def]
     """If the endpoint is gone when the abort is sent, the incomplete upload stays
     (nothing can remove it then); ``vua-s3 gc`` aborts it later."""
-    from vua_s3 import ops
+    from vua_s3.ops import gc as ops
 
     proxy.faults = [Fault("hold", method="PUT", query_contains="partNumber=2", times=1)]
     url = url_via(moto_server.bucket, proxy.endpoint_url, prefix, FAST + MULTIPART)

@@ -82,18 +82,20 @@ def test_token_mismatch_is_a_miss(location: str) -> None:
     digests = group_digests(ids, 16, CFG.namespace, None)
     wrong_tokens = ids[16:32].clone()
     wrong_tokens[3] += 1
-    forged = fragment_format.encode(
-        kv,
-        0,
-        16,
-        wrong_tokens,
-        {
-            "namespace": CFG.namespace,
-            "split_factor": "16",
-            "group": "1",
-            "digest": digests[1].hex(),
-            "parent": digests[0].hex(),
-        },
+    forged = bytearray().join(
+        fragment_format.encode_segments(
+            kv,
+            0,
+            16,
+            wrong_tokens,
+            {
+                "namespace": CFG.namespace,
+                "split_factor": "16",
+                "group": "1",
+                "digest": digests[1].hex(),
+                "parent": digests[0].hex(),
+            },
+        )
     )
     rewrite(vua, keys[1], lambda _: forged)
     expect_prefix(vua, kv, groups=1)

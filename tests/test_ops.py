@@ -14,11 +14,13 @@ from faultproxy import Fault, FaultProxy
 from test_bad_input import listing
 
 from vua_s3 import VUA, VUAConfig, open_store
-from vua_s3.cli import main
-from vua_s3.embedded import EmbeddedS3, free_port
-from vua_s3.ops import FAIL, PASS, WARN, Check, doctor, gc, parse_age
-from vua_s3.posix import PosixStore
-from vua_s3.store import ObjectInfo, Store
+from vua_s3.cli.main import main
+from vua_s3.ops.doctor import FAIL, PASS, WARN, Check, doctor
+from vua_s3.ops.gc import gc
+from vua_s3.storage import ObjectInfo, Store
+from vua_s3.storage.posix import PosixStore
+from vua_s3.testing.moto import EmbeddedS3, free_port
+from vua_s3.units import parse_age
 
 CFG = VUAConfig(split_factor=16, namespace="model-a")
 OTHER = VUAConfig(split_factor=16, namespace="model-b")

@@ -9,7 +9,8 @@ import torch
 from conftest import assert_kv_equal, random_kvcache, unique_prefix
 
 from vua_s3 import VUA, VUAConfig, open_store
-from vua_s3.s3 import S3Settings, S3Store, parse_size
+from vua_s3.storage.s3 import S3Settings, S3Store
+from vua_s3.units import parse_size
 
 CFG = VUAConfig(split_factor=256)
 

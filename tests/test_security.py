@@ -22,10 +22,10 @@ from conftest import assert_kv_equal, random_kvcache, unique_prefix
 from faultproxy import Fault, FaultProxy
 
 from vua_s3 import VUA, AccessDeniedError, InvalidLocationError, StoreError, VUAConfig, open_store
-from vua_s3.embedded import EmbeddedS3
 from vua_s3.logsafe import redact
-from vua_s3.posix import DIR_MODE, FILE_MODE
-from vua_s3.s3 import SSE_C_KEY_ENV, S3Settings
+from vua_s3.storage.posix import DIR_MODE, FILE_MODE
+from vua_s3.storage.s3.settings import SSE_C_KEY_ENV, S3Settings
+from vua_s3.testing.moto import EmbeddedS3
 
 CFG = VUAConfig(split_factor=16)
 TOKENS = torch.arange(64)
@@ -103,7 +103,7 @@ def test_redact() -> None:
 
 
 def test_cli_verbose_shows_no_secrets(moto_server, monkeypatch, capsys) -> None:  # type: ignore[no-untyped-def]
-    from vua_s3.cli import main
+    from vua_s3.cli.main import main
 
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", KEY_ID)
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", SECRET)

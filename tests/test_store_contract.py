@@ -9,7 +9,7 @@ import os
 import pytest
 
 from vua_s3 import ObjectNotFoundError, open_store
-from vua_s3.store import Store
+from vua_s3.storage import Store
 
 
 async def collect(store: Store, prefix: str = "") -> dict[str, int]:

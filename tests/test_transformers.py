@@ -23,7 +23,6 @@ from conftest import assert_kv_equal, unique_prefix
 from transformers import LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM
 
 from vua_s3 import VUA, VUAConfig
-from vua_s3.embedded import EmbeddedS3
 from vua_s3.integrations.transformers import (
     cache_from_kv,
     cached_generate,
@@ -32,6 +31,7 @@ from vua_s3.integrations.transformers import (
     model_namespace,
     vua_for_model,
 )
+from vua_s3.testing.moto import EmbeddedS3
 
 SPLIT = 16
 TAIL = 14  # tokens after the last full group: one bit-identical suffix length

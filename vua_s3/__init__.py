@@ -7,14 +7,17 @@ same prefix loads it instead of recomputing it.
 from .config import VUAConfig
 from .errors import (
     AccessDeniedError,
+    FragmentError,
+    InvalidKeyError,
     InvalidLocationError,
     ObjectNotFoundError,
+    SizeMismatchError,
     SplitFactorError,
     StoreError,
     StoreUnavailableError,
     VUAError,
 )
-from .store import ObjectInfo, Store, open_store
+from .storage import ObjectInfo, Store, open_store
 from .vua import VUA, AsyncVUA, ClosestKV
 
 __all__ = [
@@ -22,9 +25,12 @@ __all__ = [
     "AccessDeniedError",
     "AsyncVUA",
     "ClosestKV",
+    "FragmentError",
+    "InvalidKeyError",
     "InvalidLocationError",
     "ObjectInfo",
     "ObjectNotFoundError",
+    "SizeMismatchError",
     "SplitFactorError",
     "Store",
     "StoreError",

@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-import re
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Generic, TypeVar
+from typing import Generic, TypeVar
 
-if TYPE_CHECKING:
-    import torch
+import torch
 
-_NAMESPACE_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._=+-]{0,127}$")
+from .keys import check_namespace, group_keys, one_sequence, token_ids
 
 _R = TypeVar("_R")
 
@@ -49,11 +47,7 @@ class VUAConfig:
             raise TypeError(f"split_factor must be an int, got {self.split_factor!r}")
         if self.split_factor <= 0:
             raise ValueError(f"split_factor must be positive, got {self.split_factor}")
-        if not isinstance(self.namespace, str) or not _NAMESPACE_RE.match(self.namespace):
-            raise ValueError(
-                f"namespace {self.namespace!r} is not valid: use 1-128 characters of "
-                "letters, digits and . _ = + -, starting with a letter or digit"
-            )
+        check_namespace(self.namespace)
 
     @classmethod
     def coerce(cls, config: VUAConfig | type[VUAConfig]) -> VUAConfig:
@@ -70,17 +64,13 @@ class VUAConfig:
 
         ``[n]`` and ``[1, n]`` inputs both give a 1-D result, as in the original VUA.
         """
-        tokens = tokens.squeeze(0) if tokens.dim() == 2 and tokens.size(0) == 1 else tokens
-        if tokens.dim() != 1:
-            raise ValueError(f"expected tokens of shape [n] or [1, n], got {list(tokens.shape)}")
+        tokens = one_sequence(tokens)
         return tokens[: len(tokens) - len(tokens) % self.split_factor]
 
     @_config_method
     def tokens_to_paths(self, tokens: torch.Tensor, salt: str | None = None) -> list[str]:
         """The storage key (relative to the store root) of each group of ``tokens``."""
-        from .keys import group_keys, token_ids
-
-        return group_keys(self, token_ids(tokens, self.split_factor), salt)
+        return group_keys(self.namespace, self.split_factor, token_ids(tokens, self.split_factor), salt)
 
     # The original VUA spelled it in the singular.
     tokens_to_path = tokens_to_paths

@@ -31,6 +31,10 @@ class StoreError(VUAError):
     """A storage backend failed in a way that is not a plain miss."""
 
 
+class InvalidKeyError(StoreError, ValueError):
+    """A key is not a relative, '/'-separated name a store can hold (a caller's bug)."""
+
+
 class StoreUnavailableError(StoreError):
     """The store could not be reached or failed transiently: refused or reset connections,
     timeouts, HTTP 5xx and throttling left after retries. An outage, not a configuration
@@ -46,3 +50,15 @@ class ObjectNotFoundError(StoreError, KeyError):
 
 class AccessDeniedError(StoreError, PermissionError):
     """The store refused the request (HTTP 403, EACCES): credentials or policy."""
+
+
+class SizeMismatchError(StoreError):
+    """An object is not the size its probe reported: rewritten or damaged since."""
+
+
+class FragmentError(VUAError):
+    """A stored object is not a usable fragment for the query (corrupt, truncated, foreign)."""
+
+
+class ServerNotFoundError(VUAError, RuntimeError):
+    """A local test server's program (e.g. SeaweedFS's ``weed``) is not installed."""

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .errors import VUAError
+from .errors import FragmentError
 
 FORMAT = "vua_s3/fragment"
 VERSION = "1"
@@ -46,10 +46,6 @@ _HEADER_ALIGN = 8
 KVCache = Sequence[tuple[torch.Tensor, torch.Tensor]]
 
 
-class FragmentError(VUAError):
-    """A stored object is not a usable fragment for the query (corrupt, truncated, foreign)."""
-
-
 @dataclass(frozen=True)
 class Fragment:
     """A decoded fragment: views into the buffer it was read from."""
@@ -67,15 +63,36 @@ def dtype_name(dtype: torch.dtype) -> str:
         raise TypeError(f"KV dtype {dtype} cannot be stored; use one of {sorted(map(str, _DTYPE_NAMES))}") from None
 
 
-def encode(
-    kvcache: KVCache,
-    row: int,
-    start: int,
-    tokens: torch.Tensor,
-    metadata: dict[str, str],
-) -> bytearray:
-    """Serialize tokens ``[start, start+len(tokens))`` of batch row ``row`` into one buffer."""
-    return bytearray().join(encode_segments(kvcache, row, start, tokens, metadata))
+def group_metadata(
+    namespace: str, split_factor: int, group: int, digest: bytes, parent: bytes | None
+) -> dict[str, str]:
+    """The metadata that binds a fragment to one group of one prefix (checked by :func:`check_group`)."""
+    return {
+        "namespace": namespace,
+        "split_factor": str(split_factor),
+        "group": str(group),
+        "digest": digest.hex(),
+        "parent": parent.hex() if parent else "",
+    }
+
+
+def check_group(
+    frag: Fragment, namespace: str, split_factor: int, group: int, digest: bytes, tokens: torch.Tensor
+) -> None:
+    """Raise :class:`FragmentError` unless ``frag`` is exactly group ``group`` (digest ``digest``)
+    of ``namespace`` and holds ``tokens``, the query's tokens of that group."""
+    meta = frag.metadata
+    expected = group_metadata(namespace, split_factor, group, digest, None)
+    del expected["parent"]  # informational: the digest already binds the whole prefix
+    for name, value in expected.items():
+        if meta.get(name) != value:
+            raise FragmentError(f"metadata {name}={meta.get(name)!r}, expected {value!r}")
+    if frag.kv.dim() != 5 or frag.kv.size(1) != 2 or frag.kv.size(3) != split_factor:
+        raise FragmentError(
+            f"kv tensor has shape {list(frag.kv.shape)}, expected [layers, 2, heads, {split_factor}, dim]"
+        )
+    if not torch.equal(frag.tokens, tokens):
+        raise FragmentError("stored tokens differ from the query's tokens")
 
 
 def encode_segments(

@@ -16,22 +16,54 @@ The digest never uses Python's ``hash()``, so keys agree across processes and ho
 from __future__ import annotations
 
 import hashlib
+import re
 import sys
-from typing import TYPE_CHECKING
 
 import torch
 
 from .errors import SplitFactorError
 
-if TYPE_CHECKING:
-    from .config import VUAConfig
-
 LAYOUT_VERSION = 1
 FRAGMENT_SUFFIX = ".safetensors"
 _ROOT_TAG = f"vua-s3/{LAYOUT_VERSION}\0".encode()
+_NAMESPACE_CHARS = "A-Za-z0-9._=+-"
+_NAMESPACE = rf"[A-Za-z0-9][{_NAMESPACE_CHARS}]{{0,127}}"
+_NAMESPACE_RE = re.compile(rf"^{_NAMESPACE}$")
+_FRAGMENT_KEY_RE = re.compile(rf"^{_NAMESPACE}/[0-9a-f]{{2}}/[0-9a-f]{{64}}{re.escape(FRAGMENT_SUFFIX)}$")
+_NOT_NAMESPACE_RE = re.compile(rf"[^{_NAMESPACE_CHARS}]+")
 
 if sys.byteorder != "little":  # pragma: no cover - torch ships little-endian builds only
     raise ImportError("vua_s3 stores int64 little-endian tokens and needs a little-endian host")
+
+
+def check_namespace(namespace: object) -> str:
+    """``namespace`` if it can be a key's first segment, else a :class:`ValueError` saying why."""
+    if not isinstance(namespace, str) or not _NAMESPACE_RE.match(namespace):
+        raise ValueError(
+            f"namespace {namespace!r} is not valid: use 1-128 characters of "
+            "letters, digits and . _ = + -, starting with a letter or digit"
+        )
+    return namespace
+
+
+def namespace_part(text: str, replacement: str = "-") -> str:
+    """``text`` (a model name, an architecture) with every run of characters a namespace cannot
+    hold replaced, for the readable part of a derived namespace."""
+    return _NOT_NAMESPACE_RE.sub(replacement, text)
+
+
+def is_fragment_key(key: str) -> bool:
+    """Whether ``key`` has the shape of a fragment's key (tools touch nothing else)."""
+    return _FRAGMENT_KEY_RE.match(key) is not None
+
+
+def one_sequence(tokens: torch.Tensor) -> torch.Tensor:
+    """A ``[n]`` or ``[1, n]`` tensor as 1-D; any other shape is a :class:`ValueError`."""
+    if tokens.dim() == 2 and tokens.size(0) == 1:
+        tokens = tokens[0]
+    if tokens.dim() != 1:
+        raise ValueError(f"tokens must have shape [n] or [1, n], got {list(tokens.shape)}")
+    return tokens
 
 
 def token_ids(tokens: torch.Tensor, split_factor: int) -> torch.Tensor:
@@ -42,10 +74,7 @@ def token_ids(tokens: torch.Tensor, split_factor: int) -> torch.Tensor:
     """
     if not isinstance(tokens, torch.Tensor):
         raise TypeError(f"tokens must be a torch.Tensor, got {type(tokens).__name__}")
-    if tokens.dim() == 2 and tokens.size(0) == 1:
-        tokens = tokens[0]
-    if tokens.dim() != 1:
-        raise ValueError(f"tokens must have shape [n] or [1, n], got {list(tokens.shape)}")
+    tokens = one_sequence(tokens)
     if tokens.dtype.is_floating_point or tokens.dtype.is_complex or tokens.dtype == torch.bool:
         raise TypeError(f"tokens must be integer token ids, got dtype {tokens.dtype}")
     if tokens.numel() == 0:
@@ -89,6 +118,6 @@ def fragment_key(namespace: str, digest: bytes) -> str:
     return f"{namespace}/{hexdigest[:2]}/{hexdigest}{FRAGMENT_SUFFIX}"
 
 
-def group_keys(config: VUAConfig, ids: torch.Tensor, salt: str | None = None) -> list[str]:
+def group_keys(namespace: str, split_factor: int, ids: torch.Tensor, salt: str | None = None) -> list[str]:
     """The key of every group of an already validated token sequence."""
-    return [fragment_key(config.namespace, d) for d in group_digests(ids, config.split_factor, config.namespace, salt)]
+    return [fragment_key(namespace, d) for d in group_digests(ids, split_factor, namespace, salt)]

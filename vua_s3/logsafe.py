@@ -1,10 +1,12 @@
-"""Keeps secrets out of log records: botocore's DEBUG output carries request signatures,
-access key ids and SSE-C keys, and a user debugging a cache should not leak them."""
+"""Keeps secrets out of log records and messages: botocore's DEBUG output carries request
+signatures, access key ids and SSE-C keys, URLs can carry user:password, and a user debugging a
+cache should not leak them."""
 
 from __future__ import annotations
 
 import logging
 import re
+from urllib.parse import urlsplit
 
 _REDACTIONS = [
     (re.compile(r"(Signature=)[0-9a-fA-F]{16,}"), r"\1***"),
@@ -50,3 +52,11 @@ def install() -> None:
         logger = logging.getLogger(name)
         if _FILTER not in logger.filters:
             logger.addFilter(_FILTER)
+
+
+def redact_url(url: str) -> str:
+    """``url`` with any user:password part masked, safe to show in messages and logs."""
+    parts = urlsplit(url)
+    if "@" not in parts.netloc:
+        return url
+    return parts._replace(netloc="***@" + parts.netloc.rsplit("@", 1)[1]).geturl()

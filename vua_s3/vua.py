@@ -14,16 +14,15 @@ import torch
 
 from . import fragment
 from .config import VUAConfig
-from .errors import ObjectNotFoundError, StoreUnavailableError
-from .fragment import FragmentError, KVCache
+from .errors import FragmentError, ObjectNotFoundError, SizeMismatchError, StoreUnavailableError
+from .fragment import KVCache
 from .keys import fragment_key, group_digests, token_ids
 from .loop import BackgroundLoop, gather_or_cancel
-from .store import ObjectInfo, SizeMismatchError, Store, open_store
+from .storage import ObjectInfo, Store, open_store
 
 log = logging.getLogger(__name__)
 
 Location = str | os.PathLike[str] | Store
-KVData = list[tuple[torch.Tensor, torch.Tensor]]
 _T = TypeVar("_T")
 
 #: Default bound on one ``get_closest``/``lookup`` query, seconds: past it the query is a miss.
@@ -38,7 +37,7 @@ class ClosestKV(NamedTuple):
     """
 
     tokens: torch.Tensor
-    data: KVData
+    data: list[tuple[torch.Tensor, torch.Tensor]]
 
 
 class _Group(NamedTuple):
@@ -90,8 +89,8 @@ class _KnownPresent:
 class _BufferPool:
     """Receive buffers kept for reuse.
 
-    Fresh memory costs a page fault per 4 KiB when first written (on the 2-core VM in
-    the README, ~1 s per GiB, as much as the transfer itself); reused memory does not.
+    Fresh memory costs a page fault per 4 KiB when first written (on small VMs as much CPU
+    as the transfer itself; README, "Performance"); reused memory does not.
     Buffers are pinned when the destination is CUDA, so the host-to-device copy can run
     asynchronously. At most ``keep`` idle buffers are kept per size class.
     """
@@ -164,13 +163,13 @@ class _Assembly:
 
     def _copy(self, out: torch.Tensor, number: int, kv: torch.Tensor) -> None:
         target = out[:, :, :, number * self._size : (number + 1) * self._size]
-        if out.device.type == "cuda":  # untested here: no GPU on the development machines
+        if out.device.type == "cuda":  # not run in CI (no GPU); README says where it was checked
             target.copy_(kv, non_blocking=True)
             torch.cuda.current_stream(out.device).synchronize()  # the pinned buffer goes back to the pool after this
         else:
             target.copy_(kv)
 
-    def result(self, usable: int) -> KVData:
+    def result(self, usable: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """Per-layer ``(K, V)`` views of the output, cut to the first ``usable`` groups."""
         out = self._out.result()
         assert out is not None
@@ -274,22 +273,27 @@ class AsyncVUA:
                 todo.setdefault(group.key, (row, ids, group))
         present = await self._probe(list(todo))
         missing = [item for item, info in zip(todo.values(), present, strict=True) if info is None]
-        await gather_or_cancel(*(self._put_group(kvcache, row, ids, group) for row, ids, group in missing))
+        await gather_or_cancel(*(self._write_group(kvcache, row, 0, ids, group) for row, ids, group in missing))
         return len(missing)
 
-    async def _put_group(self, kvcache: KVCache, row: int, ids: torch.Tensor, group: _Group) -> None:
+    async def put_groups(
+        self, ids: torch.Tensor, kvcache: KVCache, groups: Sequence[int], *, kv_start: int = 0, salt: str | None = None
+    ) -> None:
+        """Write groups ``groups`` of the token sequence ``ids`` (validated by
+        :func:`~vua_s3.keys.token_ids`) whose KV is ``kvcache`` row 0, holding tokens from
+        ``kv_start`` on; concurrently, without probing first. The writer that integrations
+        with their own bookkeeping (the vLLM connector) share with :meth:`put`."""
+        chain = self._groups(ids, salt)
+        await gather_or_cancel(*(self._write_group(kvcache, 0, kv_start, ids, chain[number]) for number in groups))
+
+    async def _write_group(self, kvcache: KVCache, row: int, kv_start: int, ids: torch.Tensor, group: _Group) -> None:
+        """The one group writer: the fragment goes out as views of the caller's tensors."""
         size = self._config.split_factor
         start = group.number * size
-        metadata = {
-            "namespace": self._config.namespace,
-            "split_factor": str(size),
-            "group": str(group.number),
-            "digest": group.digest.hex(),
-            "parent": group.parent.hex() if group.parent else "",
-        }
+        metadata = fragment.group_metadata(self._config.namespace, size, group.number, group.digest, group.parent)
         async with self._limit():
             segments = await asyncio.to_thread(
-                fragment.encode_segments, kvcache, row, start, ids[start : start + size], metadata
+                fragment.encode_segments, kvcache, row, start - kv_start, ids[start : start + size], metadata
             )
             await self._store.put_segments(group.key, segments)
         self._known.add(ObjectInfo(key=group.key, size=sum(map(len, segments)), last_modified=time.time()))
@@ -373,7 +377,9 @@ class AsyncVUA:
                     return False
                 try:
                     frag = await asyncio.to_thread(fragment.decode, fetched[1])
-                    self._check(frag, group, ids)
+                    size = self._config.split_factor
+                    group_tokens = ids[group.number * size : (group.number + 1) * size]
+                    fragment.check_group(frag, self._config.namespace, size, group.number, group.digest, group_tokens)
                 except FragmentError as exc:
                     log.warning("fragment %s in %s is unusable, treated as a miss: %s", group.key, self._store.url, exc)
                     return False
@@ -410,25 +416,6 @@ class AsyncVUA:
                     log.info("fragment %s vanished after the probe (expired or deleted)", key)
                 return None
         raise AssertionError("unreachable")
-
-    def _check(self, frag: fragment.Fragment, group: _Group, ids: torch.Tensor) -> None:
-        """Raise :class:`FragmentError` unless ``frag`` is exactly the group asked for."""
-        size = self._config.split_factor
-        meta = frag.metadata
-        expected = {
-            "namespace": self._config.namespace,
-            "split_factor": str(size),
-            "group": str(group.number),
-            "digest": group.digest.hex(),
-        }
-        for name, value in expected.items():
-            if meta.get(name) != value:
-                raise FragmentError(f"metadata {name}={meta.get(name)!r}, expected {value!r}")
-        if frag.kv.dim() != 5 or frag.kv.size(1) != 2 or frag.kv.size(3) != size:
-            raise FragmentError(f"kv tensor has shape {list(frag.kv.shape)}, expected [layers, 2, heads, {size}, dim]")
-        start = group.number * size
-        if not torch.equal(frag.tokens, ids[start : start + size]):
-            raise FragmentError("stored tokens differ from the query's tokens")
 
     def _trim(self, tokens: torch.Tensor) -> torch.Tensor | None:
         """The query as 1-D tokens trimmed to whole groups; ``None`` if shorter than one group."""

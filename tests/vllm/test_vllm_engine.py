@@ -33,7 +33,7 @@ import pytest
 import torch
 
 from vua_s3 import VUA, VUAConfig
-from vua_s3.embedded import EMBEDDED_CREDENTIALS, EMBEDDED_REGION, EmbeddedS3, free_port
+from vua_s3.testing.moto import EMBEDDED_CREDENTIALS, EMBEDDED_REGION, EmbeddedS3, free_port
 
 pytestmark = pytest.mark.vllm
 

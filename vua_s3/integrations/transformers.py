@@ -17,7 +17,6 @@ from __future__ import annotations
 import hashlib
 import inspect
 import json
-import re
 import time
 from dataclasses import dataclass, field
 from typing import Any, cast
@@ -27,7 +26,9 @@ from transformers import DynamicCache, PreTrainedModel
 from transformers.cache_utils import DynamicLayer
 
 from ..config import VUAConfig
-from ..vua import VUA, KVData, Location
+from ..fragment import KVCache
+from ..keys import namespace_part
+from ..vua import VUA, Location
 
 #: Config fields that shape or change the K/V a model computes, hashed into the namespace.
 _IDENTITY_FIELDS = (
@@ -81,7 +82,7 @@ def model_namespace(model: PreTrainedModel) -> str:
         digest.update(name.encode() + b"\0" + str(head.dtype).encode() + b"\0")
         digest.update(head.view(torch.uint8).numpy().tobytes())
     architectures = getattr(model.config, "architectures", None) or [type(model).__name__]
-    arch = re.sub(r"[^A-Za-z0-9._=+-]", "_", str(architectures[0]))[:48]
+    arch = namespace_part(str(architectures[0]), "_")[:48]
     dtype = str(model.dtype).removeprefix("torch.")
     return f"{arch}-L{layers}-kv{heads}-d{head_dim}-{dtype}-{digest.hexdigest()[:16]}"
 
@@ -99,7 +100,7 @@ def vua_for_model(
     return VUA(config, location, **options)
 
 
-def kv_from_cache(cache: DynamicCache, length: int | None = None) -> KVData:
+def kv_from_cache(cache: DynamicCache, length: int | None = None) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """Per-layer ``(K, V)`` views of the first ``length`` tokens of ``cache`` (all if ``None``)."""
     kv = []
     for layer in _full_attention_layers(cache):
@@ -109,7 +110,7 @@ def kv_from_cache(cache: DynamicCache, length: int | None = None) -> KVData:
     return kv
 
 
-def cache_from_kv(kv: KVData, config: Any = None) -> DynamicCache:
+def cache_from_kv(kv: KVCache, config: Any = None) -> DynamicCache:
     """A ``DynamicCache`` holding ``kv`` (as :meth:`VUA.get_closest` returns it).
 
     With ``config`` the cache is laid out for that model, and a model whose layers are
@@ -226,7 +227,7 @@ def _one_sequence(input_ids: torch.Tensor, model: PreTrainedModel) -> torch.Tens
     return ids.to(model.device)
 
 
-def _check_fits(model: PreTrainedModel, kv: KVData, vua: VUA) -> None:
+def _check_fits(model: PreTrainedModel, kv: KVCache, vua: VUA) -> None:
     """Refuse stored KV whose shape or dtype is not this model's (a namespace shared by two models)."""
     layers, heads, head_dim = kv_layout(model.config)
     keys = kv[0][0]

@@ -1,11 +1,5 @@
-"""Operations on a store: ``doctor`` (can this endpoint hold a cache?) and ``gc`` (expire old fragments).
-
-Both work from a location URL, as a user types it. ``doctor`` tries every request
-vua_s3 makes, on a scratch key under the store's prefix, and says how to fix each
-failure. ``gc`` deletes fragments older than a cutoff; it only touches keys of the
-fragment layout, and re-checks each one right before deleting it, so it is safe while
-other clients read and write (a race costs a cache miss, never wrong data).
-"""
+"""``doctor``: can this location hold a cache? It tries every request vua_s3 makes, on a
+scratch key under the store's prefix, and says how to fix each failure."""
 
 from __future__ import annotations
 
@@ -13,8 +7,6 @@ import asyncio
 import contextlib
 import ipaddress
 import os
-import re
-import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -22,40 +14,17 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import boto3
-from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError, SSLError
 from botocore.exceptions import ConnectionError as BotoConnectionError
 
-from . import logsafe
-from .errors import InvalidLocationError
-from .loop import gather_or_cancel
-from .posix import FILE_MODE, PosixStore
-from .s3 import S3Store
-from .store import ObjectInfo, Store, open_store
-
-_FRAGMENT_KEY = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._=+-]{0,127}/[0-9a-f]{2}/[0-9a-f]{64}\.safetensors$")
-_AGE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhdw])\s*$")
-_AGE_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
-_GC_BATCH = 256
+from .. import logsafe
+from ..errors import InvalidLocationError
+from ..storage import open_store
+from ..storage.posix import FILE_MODE, PosixStore
+from ..storage.s3 import S3Store
+from ..storage.s3.errors import CHECKSUM_REFUSALS, DENIED, NO_BUCKET, NOT_FOUND, PRECONDITION_FAILED, error_code
 
 PASS, WARN, FAIL, SKIP = "pass", "warn", "FAIL", "skip"
-# How S3 systems answer a checksum header they do not support.
-_CHECKSUM_REFUSALS = {
-    "400",
-    "InvalidArgument",
-    "InvalidRequest",
-    "NotImplemented",
-    "BadDigest",
-    "XAmzContentSHA256Mismatch",
-}
-
-
-def parse_age(text: str) -> float:
-    """``"7d"``, ``"12h"``, ``"30m"``, ``"90s"``, ``"2w"`` -> seconds."""
-    match = _AGE.match(text)
-    if not match:
-        raise ValueError(f"{text!r} is not an age: use a number and a unit s, m, h, d or w (e.g. 7d)")
-    return float(match.group(1)) * _AGE_UNITS[match.group(2)]
 
 
 # --- doctor ----------------------------------------------------------------------------------
@@ -95,27 +64,11 @@ def format_checks(checks: list[Check]) -> str:
     return "\n".join(lines)
 
 
-def _s3_client(store: S3Store, *, checksum: str | None = None) -> Any:
-    """A plain boto3 client with the store's settings (and, for one probe, another checksum mode)."""
+def _s3_client(store: S3Store, **config: str) -> Any:
+    """A plain boto3 client with the store's settings (``config`` overrides, e.g. another checksum mode)."""
     s = store.settings
     logsafe.install()
-    config = s.botocore_config()
-    if checksum is not None:
-        config = config.merge(Config(request_checksum_calculation=checksum, response_checksum_validation=checksum))
-    return boto3.session.Session(profile_name=s.profile).client(
-        "s3",
-        endpoint_url=s.endpoint_url,
-        region_name=s.region,
-        verify=s.ca_bundle if s.ca_bundle and s.verify else s.verify,
-        config=config,
-    )
-
-
-def _code(exc: BaseException) -> str:
-    if isinstance(exc, ClientError):
-        error = exc.response.get("Error", {})
-        return str(error.get("Code") or exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", ""))
-    return type(exc).__name__
+    return boto3.session.Session(profile_name=s.profile).client("s3", **s.client_kwargs(**config))
 
 
 class _S3Doctor:
@@ -124,7 +77,7 @@ class _S3Doctor:
     def __init__(self, store: S3Store) -> None:
         self.store = store
         self.bucket = store.bucket
-        self.scratch = store._object_key(f".vua-doctor/{uuid.uuid4().hex}")
+        self.scratch = store.object_key(f".vua-doctor/{uuid.uuid4().hex}")
         self.payload = os.urandom(64 << 10)
         self.checks: list[Check] = []
 
@@ -172,13 +125,13 @@ class _S3Doctor:
 
     def _fail(self, name: str, exc: BaseException, permission: str, fix: str) -> None:
         """A failed check and the likeliest fix: a permission, the endpoint, the checksum mode."""
-        code = _code(exc)
+        code = error_code(exc)
         detail = f"{code}: {str(exc)[:160]}"
-        if code in ("403", "AccessDenied"):
+        if code in DENIED:
             detail, fix = f"refused ({code})", permission
         elif isinstance(exc, BotoConnectionError):
             fix = "the endpoint stopped answering: check it and run doctor again"
-        elif self.store.settings.checksum == "when_supported" and code in _CHECKSUM_REFUSALS:
+        elif self.store.settings.checksum == "when_supported" and code in CHECKSUM_REFUSALS:
             fix = "this endpoint rejects CRC32 checksums: add checksum=when_required"
         self.checks.append(Check(name, FAIL, detail, fix))
 
@@ -254,10 +207,10 @@ class _S3Doctor:
             )
             return False
         except ClientError as exc:
-            code = _code(exc)
-            if code in ("404", "NoSuchBucket"):
+            code = error_code(exc)
+            if code in NOT_FOUND | NO_BUCKET:
                 fix = f"create bucket {self.bucket!r} or correct its name"
-            elif code in ("403", "AccessDenied"):
+            elif code in DENIED:
                 fix = f"grant s3:ListBucket on arn:aws:s3:::{self.bucket}, or check the credentials"
             elif code in ("301", "PermanentRedirect", "400"):
                 fix = "set region= to the bucket's region (or addressing=path for on-premises systems)"
@@ -265,7 +218,7 @@ class _S3Doctor:
                 fix = ""
             self.checks.append(Check("bucket", FAIL, f"head_bucket {self.bucket!r}: {code}", fix))
             return False
-        self.checks.append(Check("bucket", PASS, f"{self.bucket!r} reachable at {self.store._endpoint()}"))
+        self.checks.append(Check("bucket", PASS, f"{self.bucket!r} reachable at {self.store.endpoint()}"))
         return True
 
     def _put(self, client: Any) -> str:
@@ -327,15 +280,17 @@ class _S3Doctor:
                 Bucket=self.bucket, Key=self.scratch, Body=b"x", IfNoneMatch="*", **self.store.sse_params("PutObject")
             )
         except ClientError as exc:
-            if _code(exc) in ("PreconditionFailed", "412"):
+            if error_code(exc) in PRECONDITION_FAILED:
                 return "If-None-Match honoured (not needed by vua_s3)"
-            return f"warn:If-None-Match refused ({_code(exc)}); vua_s3 does not need it"
+            return f"warn:If-None-Match refused ({error_code(exc)}); vua_s3 does not need it"
         client.put_object(Bucket=self.bucket, Key=self.scratch, Body=self.payload, **self.store.sse_params("PutObject"))
         return "warn:If-None-Match ignored (overwrote an existing key); vua_s3 does not need it"
 
     def _checksums(self, client: Any) -> str:
         """boto3 >= 1.36 sends CRC32 checksums by default; some S3 systems refuse them."""
-        probe = _s3_client(self.store, checksum="when_supported")
+        probe = _s3_client(
+            self.store, request_checksum_calculation="when_supported", response_checksum_validation="when_supported"
+        )
         key = self.scratch + "-checksum"
         try:
             probe.put_object(Bucket=self.bucket, Key=key, Body=self.payload, **self.store.sse_params("PutObject"))
@@ -343,7 +298,7 @@ class _S3Doctor:
         except ClientError as exc:
             if self.store.settings.checksum == "when_supported":
                 raise
-            return f"warn:default CRC32 checksums refused ({_code(exc)}); keep checksum=when_required (set)"
+            return f"warn:default CRC32 checksums refused ({error_code(exc)}); keep checksum=when_required (set)"
         finally:
             client.delete_object(Bucket=self.bucket, Key=key)
         return f"CRC32 checksum headers accepted (checksum={self.store.settings.checksum} in use)"
@@ -354,7 +309,7 @@ class _S3Doctor:
         try:
             client.head_object(Bucket=self.bucket, Key=self.scratch, **self.store.sse_params("HeadObject"))
         except ClientError as exc:
-            if _code(exc) in ("404", "NoSuchKey", "NotFound"):
+            if error_code(exc) in NOT_FOUND:
                 return "scratch objects removed"
             raise
         return "warn:the object is still there after DELETE"
@@ -390,86 +345,3 @@ async def _posix_doctor(store: PosixStore) -> list[Check]:
     free = usage.f_bavail * usage.f_frsize
     checks.append(Check("free space", PASS if free > 1 << 30 else WARN, f"{free / (1 << 30):.1f} GiB", "free space"))
     return checks
-
-
-# --- gc --------------------------------------------------------------------------------------
-
-
-@dataclass
-class GcReport:
-    """What a gc run found and did (``dry_run``: what it would have done)."""
-
-    scanned: int = 0
-    expired: int = 0
-    deleted: int = 0
-    bytes_freed: int = 0
-    skipped_foreign: int = 0
-    """Objects under the prefix that are not fragments: never touched."""
-    uploads_aborted: int = 0
-    dry_run: bool = False
-
-
-Progress = Callable[[int, int], None]
-
-
-async def gc(
-    location: str | Store,
-    older_than: float,
-    *,
-    namespace: str | None = None,
-    dry_run: bool = False,
-    progress: Progress | None = None,
-    now: float | None = None,
-) -> GcReport:
-    """Delete fragments last modified more than ``older_than`` seconds ago.
-
-    S3 uses LastModified, POSIX the file mtime. Only keys of the fragment layout are
-    touched. Each candidate is probed again right before its batch is deleted, so a
-    fragment rewritten meanwhile by another client is kept. On S3, incomplete
-    multipart uploads started before the cutoff are aborted too.
-    """
-    if older_than < 0:
-        raise ValueError(f"older_than must not be negative, got {older_than}")
-    if namespace is not None and ("/" in namespace or not namespace):
-        raise ValueError(f"namespace {namespace!r} is not valid")
-    cutoff = (time.time() if now is None else now) - older_than
-    store = open_store(location)
-    report = GcReport(dry_run=dry_run)
-    try:
-        candidates: list[ObjectInfo] = []
-        async for info in store.list(f"{namespace}/" if namespace else ""):
-            report.scanned += 1
-            if not _FRAGMENT_KEY.match(info.key):
-                report.skipped_foreign += 1
-            elif info.last_modified < cutoff:
-                candidates.append(info)
-        report.expired = len(candidates)
-        for start in range(0, len(candidates), _GC_BATCH):
-            batch = candidates[start : start + _GC_BATCH]
-            current = await store.head_many([c.key for c in batch])
-            doomed = [info for info in current if info is not None and info.last_modified < cutoff]
-            if not dry_run:
-                await gather_or_cancel(*(store.delete(info.key) for info in doomed))
-            report.deleted += len(doomed)
-            report.bytes_freed += sum(info.size for info in doomed)
-            if progress is not None:
-                progress(start + len(batch), len(candidates))
-        if isinstance(store, S3Store):
-            prefix = store._object_key(f"{namespace}/" if namespace else "")
-            report.uploads_aborted = await asyncio.to_thread(_abort_uploads, store, prefix, cutoff, dry_run)
-    finally:
-        if location is not store:
-            await store.close()
-    return report
-
-
-def _abort_uploads(store: S3Store, prefix: str, cutoff: float, dry_run: bool) -> int:
-    """Abort multipart uploads under ``prefix`` started before ``cutoff`` (left by crashed writers)."""
-    client = _s3_client(store)
-    stale = []
-    for page in client.get_paginator("list_multipart_uploads").paginate(Bucket=store.bucket, Prefix=prefix):
-        stale += [u for u in page.get("Uploads", []) if u["Initiated"].timestamp() < cutoff]
-    if not dry_run:
-        for upload in stale:
-            client.abort_multipart_upload(Bucket=store.bucket, Key=upload["Key"], UploadId=upload["UploadId"])
-    return len(stale)

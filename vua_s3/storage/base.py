@@ -9,18 +9,17 @@ A backend maps relative keys (``keys.py``) to objects. Contract:
   ``get``; refused access is :class:`AccessDeniedError`; anything else that fails is
   :class:`StoreError`. A miss is never reported as an error, nor an error as a miss.
 
-Backends are async at the core; :class:`vua_s3.VUA` gives them a sync face.
+Backends are async at the core; :class:`vua_s3.VUA` gives them a sync face. Which backend a
+location names is decided in ``location.py``, outside this interface.
 """
 
 from __future__ import annotations
 
-import os
 from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
-from urllib.parse import urlsplit
 
-from .errors import InvalidLocationError, StoreError
+from ..errors import SizeMismatchError
 
 Buffer = bytes | bytearray | memoryview
 
@@ -33,10 +32,6 @@ class ObjectInfo:
     size: int
     last_modified: float
     """Seconds since the epoch."""
-
-
-class SizeMismatchError(StoreError):
-    """An object is not the size its probe reported: rewritten or damaged since."""
 
 
 class Store(ABC):
@@ -81,40 +76,11 @@ class Store(ABC):
     def list(self, prefix: str = "") -> AsyncIterator[ObjectInfo]:
         """Every object whose key starts with ``prefix``, in no particular order."""
 
+    async def abort_incomplete(self, prefix: str, started_before: float, *, dry_run: bool = False) -> int:
+        """Abort incomplete writes under ``prefix`` begun before ``started_before`` (seconds since
+        the epoch), left by crashed writers; return how many there were. Backends whose writes
+        leave nothing behind keep the default."""
+        return 0
+
     async def close(self) -> None:  # noqa: B027 - backends without resources keep the default
         """Release connections and other resources."""
-
-
-def open_store(location: str | os.PathLike[str] | Store) -> Store:
-    """A store for ``s3://bucket/prefix?settings``, ``file:///path``, a plain path, or a store."""
-    if isinstance(location, Store):
-        return location
-    if isinstance(location, os.PathLike):
-        location = os.fspath(location)
-    if not isinstance(location, str) or not location:
-        raise InvalidLocationError(f"a store location must be a non-empty URL or path, got {location!r}")
-    scheme = urlsplit(location).scheme if "://" in location else ""
-    if scheme in ("s3", "s3a"):
-        from .s3 import S3Store
-
-        return S3Store.from_url(location)
-    if scheme == "file":
-        from .posix import PosixStore
-
-        return PosixStore.from_url(location)
-    if scheme == "":
-        from .posix import PosixStore
-
-        return PosixStore(location)
-    raise InvalidLocationError(
-        f"unknown URL scheme {scheme!r} in {redact_url(location)!r}: "
-        "use s3://bucket/prefix, file:///path or a plain path"
-    )
-
-
-def redact_url(url: str) -> str:
-    """``url`` with any user:password part masked, safe to show in messages and logs."""
-    parts = urlsplit(url)
-    if "@" not in parts.netloc:
-        return url
-    return parts._replace(netloc="***@" + parts.netloc.rsplit("@", 1)[1]).geturl()

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any
 import boto3
 
 if TYPE_CHECKING:
-    from .s3 import S3Store
+    from ..storage.s3 import S3Store
 
 #: Credentials the embedded server accepts; it checks nothing, so they guard nothing.
 EMBEDDED_CREDENTIALS = {"aws_access_key_id": "embedded", "aws_secret_access_key": "embedded"}
@@ -54,7 +54,7 @@ class EmbeddedS3:
         """An :class:`S3Store` on ``prefix`` that uses this server's credentials."""
         import aioboto3
 
-        from .s3 import S3Store
+        from ..storage.s3 import S3Store
 
         return S3Store.from_url(self.url(prefix), session=aioboto3.Session(**EMBEDDED_CREDENTIALS))
 

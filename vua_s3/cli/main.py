@@ -1,0 +1,39 @@
+"""The ``vua-s3`` command: a demo of the whole path, views of what a store holds, its operations
+and the bench. Each command group lives in its own module and registers its own arguments."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+
+from ..errors import VUAError
+from . import bench, demo, listing, ops
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="vua-s3", description=__doc__)
+    parser.add_argument("-v", "--verbose", action="store_true", help="log vua_s3's debug messages")
+    sub = parser.add_subparsers(dest="command", required=True)
+    demo.add_parser(sub)
+    bench.add_parser(sub)
+    listing.add_parsers(sub)
+    ops.add_parsers(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    if args.verbose:  # vua_s3's own messages only: botocore's debug output shows request signatures
+        logging.getLogger("vua_s3").setLevel(logging.DEBUG)
+    try:
+        return int(args.func(args))
+    except VUAError as exc:
+        print(f"vua-s3: error: {exc}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

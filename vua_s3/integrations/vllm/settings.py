@@ -1,0 +1,100 @@
+"""The connector's settings and identity: ``kv_connector_extra_config``, the namespace of a
+worker's fragments and what besides the tokens keys a request. Pure: no vLLM import."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from ...keys import namespace_part
+
+if TYPE_CHECKING:
+    from vllm.config import VllmConfig
+    from vllm.v1.request import Request
+
+CONNECTOR_NAME = "VUAS3Connector"
+#: Version of how vLLM's paged KV maps to fragments; part of every namespace.
+_LAYOUT_TAG = "vllm-kv1"
+
+
+@dataclass(frozen=True)
+class ConnectorSettings:
+    """``kv_connector_extra_config``, checked once at start-up."""
+
+    url: str
+    split_factor: int = 256
+    namespace: str | None = None
+    model_id: str | None = None
+    salt: str | None = None
+    max_inflight: int = 8
+    max_pending_saves: int = 64
+    flush_timeout_s: float = 60.0
+    load_failure_policy: str = "recompute"
+
+    @classmethod
+    def from_extra_config(cls, extra: dict[str, Any]) -> ConnectorSettings:
+        known = set(cls.__dataclass_fields__)
+        unknown = sorted(set(extra) - known)
+        if unknown:
+            raise ValueError(
+                f"{CONNECTOR_NAME}: unknown kv_connector_extra_config keys {unknown}; known: {sorted(known)}"
+            )
+        if not extra.get("url"):
+            raise ValueError(
+                f'{CONNECTOR_NAME} needs kv_connector_extra_config {{"url": "s3://bucket/prefix"}} (or a path)'
+            )
+        settings = cls(**extra)
+        for name in ("split_factor", "max_inflight", "max_pending_saves"):
+            value = getattr(settings, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+                raise ValueError(f"{CONNECTOR_NAME}: {name} must be a positive integer, got {value!r}")
+        if settings.load_failure_policy not in ("recompute", "fail"):
+            raise ValueError(f"{CONNECTOR_NAME}: load_failure_policy must be 'recompute' or 'fail'")
+        return settings
+
+
+def derive_namespace(vllm_config: VllmConfig, settings: ConnectorSettings, tp_rank: int, pp_rank: int) -> str:
+    """The namespace of one worker's fragments: everything that changes the bytes of its KV.
+
+    Model (or ``model_id``), revision, quantization, KV dtype, layer and head counts,
+    head size, and the tensor/pipeline-parallel size and rank (each rank stores its own
+    heads and layers). vLLM's block size and paged layout are left out on purpose:
+    fragments hold plain ``[layers, 2, heads, tokens, head_dim]`` K/V, so engines with
+    different block sizes or attention backends share them. A readable prefix is kept
+    for people listing the bucket; a digest of the full identity makes it unique.
+    """
+    model_config = vllm_config.model_config
+    parallel = vllm_config.parallel_config
+    cache_dtype = vllm_config.cache_config.cache_dtype
+    kv_dtype = str(model_config.dtype).removeprefix("torch.") if cache_dtype == "auto" else str(cache_dtype)
+    model = settings.model_id or model_config.model
+    identity = {
+        "layout": _LAYOUT_TAG,
+        "model": model,
+        "revision": model_config.revision,
+        "quantization": model_config.quantization,
+        "kv_dtype": kv_dtype,
+        "layers": model_config.get_total_num_hidden_layers(),
+        "kv_heads": model_config.get_total_num_kv_heads(),
+        "head_size": model_config.get_head_size(),
+        "tp": [parallel.tensor_parallel_size, tp_rank],
+        "pp": [parallel.pipeline_parallel_size, pp_rank],
+    }
+    digest = hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()[:12]
+    base = settings.namespace or namespace_part(model.rstrip("/").rsplit("/", 1)[-1]).strip("-.")
+    tag = f"{kv_dtype}.tp{parallel.tensor_parallel_size}r{tp_rank}"
+    if parallel.pipeline_parallel_size > 1:
+        tag += f".pp{parallel.pipeline_parallel_size}r{pp_rank}"
+    return f"{(base or 'model')[:64]}.{tag}.{digest}"
+
+
+def request_salt(settings: ConnectorSettings, request: Request) -> str | None:
+    """What besides the tokens decides the KV: the operator's salt, vLLM's per-request
+    ``cache_salt`` and the LoRA adapter."""
+    lora = getattr(request, "lora_request", None)
+    parts = [settings.salt, getattr(request, "cache_salt", None), lora.lora_name if lora is not None else None]
+    if not any(parts):
+        return None
+    return json.dumps(parts)

@@ -1,0 +1,1 @@
+"""Operations on a store, above the library: ``doctor`` (can it hold a cache?) and ``gc`` (expire)."""
