@@ -1,90 +1,86 @@
-"""The storage contract, run against every backend over its real transport."""
+"""The storage contract (``vua_s3.testing.contract``) on every backend, over its real transport."""
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import os
+import shutil
+import tempfile
+from collections.abc import Iterator
 
+import aioboto3
 import pytest
+from conftest import unique_prefix
+from faultproxy import Fault, FaultProxy
 
-from vua_s3 import ObjectNotFoundError, open_store
 from vua_s3.storage import Store
+from vua_s3.storage.s3 import S3Store
+from vua_s3.testing.contract import StoreContract
+from vua_s3.testing.moto import EmbeddedS3
+from vua_s3.testing.seaweed import SeaweedS3
+
+NOBODY = 65534
 
 
-async def collect(store: Store, prefix: str = "") -> dict[str, int]:
-    return {info.key: info.size async for info in store.list(prefix)}
+class TestPosix(StoreContract):
+    @pytest.fixture
+    def location(self, tmp_path_factory: pytest.TempPathFactory) -> str:
+        return str(tmp_path_factory.mktemp("store"))
 
-
-def run(coro):  # type: ignore[no-untyped-def]
-    return asyncio.run(coro)
-
-
-def test_put_get_head_delete_list(location: str) -> None:
-    async def scenario() -> None:
-        store = open_store(location)
+    @contextlib.contextmanager
+    def denied(self) -> Iterator[str]:
+        """A directory this process may not enter: as root (CI), the test drops to ``nobody``,
+        since file modes do not bind root."""
+        parent = tempfile.mkdtemp(prefix="vua-denied-")
+        root = os.path.join(parent, "store")
+        os.makedirs(os.path.join(root, "ns"))
+        with open(os.path.join(root, "ns", "k"), "wb") as file:
+            file.write(b"data")
+        os.chmod(parent, 0o755)
+        os.chmod(root, 0o700 if os.geteuid() == 0 else 0o000)
         try:
-            assert await store.head_many(["ns/aa/one", "ns/bb/two"]) == [None, None]
-            await store.put("ns/aa/one", b"first")
-            await store.put("ns/bb/two", bytearray(b"second!"))
-            one, two, three = await store.head_many(["ns/aa/one", "ns/bb/two", "ns/cc/three"])
-            assert one is not None and one.size == 5 and one.key == "ns/aa/one"
-            assert two is not None and two.size == 7
-            assert three is None
-            assert await store.get("ns/aa/one") == b"first"
-            assert await store.get("ns/bb/two", size=7) == b"second!"
-            assert await collect(store) == {"ns/aa/one": 5, "ns/bb/two": 7}
-            assert await collect(store, "ns/aa") == {"ns/aa/one": 5}
-            await store.put("ns/aa/one", b"replaced")
-            assert await store.get("ns/aa/one") == b"replaced"
-            await store.delete("ns/aa/one")
-            await store.delete("ns/aa/one")  # deleting a missing key is not an error
-            assert await store.head_many(["ns/aa/one"]) == [None]
-            with pytest.raises(ObjectNotFoundError):
-                await store.get("ns/aa/one")
+            if os.geteuid() == 0:
+                os.seteuid(NOBODY)
+            try:
+                yield root
+            finally:
+                if os.getuid() == 0:
+                    os.seteuid(0)
         finally:
-            await store.close()
-
-    run(scenario())
-
-
-def test_concurrent_puts_of_one_key_leave_one_whole_object(location: str) -> None:
-    """Racing writers: a reader sees exactly one writer's bytes, never a mix or a partial."""
-    payloads = [bytes([i]) * (256 * 1024 + i) for i in range(8)]
-
-    async def scenario() -> None:
-        store = open_store(location)
-        try:
-
-            async def reader() -> list[bytes]:
-                seen = []
-                for _ in range(10):
-                    with contextlib.suppress(ObjectNotFoundError):
-                        seen.append(bytes(await store.get("race/key")))
-                    await asyncio.sleep(0)
-                return seen
-
-            results = await asyncio.gather(*(store.put("race/key", p) for p in payloads), reader())
-            final = bytes(await store.get("race/key"))
-            for data in [*results[-1], final]:
-                assert data in payloads
-        finally:
-            await store.close()
-
-    run(scenario())
+            os.chmod(root, 0o700)
+            shutil.rmtree(parent)
 
 
-def test_empty_and_binary_payloads_round_trip(location: str) -> None:
-    data = os.urandom(100_000)
+class TestMoto(StoreContract):
+    @pytest.fixture
+    def location(self, moto_server: EmbeddedS3) -> str:
+        return moto_server.url(unique_prefix())
 
-    async def scenario() -> None:
-        store = open_store(location)
-        try:
-            await store.put("bin/x", data)
-            await store.put("bin/empty", b"")
-            assert bytes(await store.get("bin/x")) == data
-            assert bytes(await store.get("bin/empty")) == b""
-        finally:
-            await store.close()
+    @pytest.fixture(autouse=True)
+    def _server(self, moto_server: EmbeddedS3) -> None:
+        self.server = moto_server
 
-    run(scenario())
+    @contextlib.contextmanager
+    def denied(self) -> Iterator[str]:
+        """moto accepts any credentials, so a proxy in front of it refuses every request as
+        S3 does (403 AccessDenied): the answer travels the real HTTP path."""
+        with FaultProxy(self.server.port) as proxy:
+            proxy.faults = [Fault("status", status=403, code="AccessDenied")]
+            url = self.server.url(unique_prefix()).replace(self.server.endpoint_url, proxy.endpoint_url)
+            yield url + "&max_attempts=1"
+
+
+class TestSeaweedFS(StoreContract):
+    @pytest.fixture
+    def location(self, seaweed_server: SeaweedS3) -> str:
+        return seaweed_server.url(unique_prefix())
+
+    @pytest.fixture(autouse=True)
+    def _server(self, seaweed_server: SeaweedS3) -> None:
+        self.server = seaweed_server
+
+    @contextlib.contextmanager
+    def denied(self) -> Iterator[Store]:
+        """SeaweedFS checks signatures: a client with the wrong secret is refused."""
+        session = aioboto3.Session(aws_access_key_id="embedded", aws_secret_access_key="not-the-secret")
+        yield S3Store.from_url(self.server.url(unique_prefix()) + "&max_attempts=1", session=session)

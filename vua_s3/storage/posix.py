@@ -34,10 +34,13 @@ class PosixStore(Store):
     def __init__(self, root: str | os.PathLike[str], *, create: bool = True) -> None:
         self.root = Path(root).expanduser().absolute()
         self.url = self.root.as_uri()
-        if create:
-            self.root.mkdir(mode=DIR_MODE, parents=True, exist_ok=True)
-        elif not self.root.is_dir():
-            raise InvalidLocationError(f"store directory {self.root} does not exist")
+        try:
+            if create:
+                self.root.mkdir(mode=DIR_MODE, parents=True, exist_ok=True)
+            elif not self.root.is_dir():
+                raise InvalidLocationError(f"store directory {self.root} does not exist")
+        except PermissionError as exc:
+            raise AccessDeniedError(f"creating {self.root}: {exc.strerror}") from None
 
     @classmethod
     def from_url(cls, url: str) -> PosixStore:
@@ -134,7 +137,7 @@ class PosixStore(Store):
 
     def _walk(self, prefix: str) -> builtins.list[ObjectInfo]:
         found = []
-        for dirpath, _dirs, files in os.walk(self.root):
+        for dirpath, _dirs, files in os.walk(self.root, onerror=_raise_walk_error):
             for name in files:
                 if name.startswith(".tmp-"):
                     continue
@@ -147,6 +150,14 @@ class PosixStore(Store):
                         continue
                     found.append(ObjectInfo(key=key, size=st.st_size, last_modified=st.st_mtime))
         return found
+
+
+def _raise_walk_error(exc: OSError) -> None:
+    """``os.walk`` skips directories it cannot read; a listing must not silently miss them."""
+    if isinstance(exc, PermissionError):
+        raise AccessDeniedError(f"listing {exc.filename}: {exc.strerror}") from None
+    if not isinstance(exc, FileNotFoundError):  # removed while walking: nothing to list there
+        raise StoreUnavailableError(f"listing {exc.filename}: {exc}") from exc
 
 
 def _make_dirs(path: Path) -> None:
