@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import os
+import threading
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import pytest
 import torch
@@ -85,3 +86,23 @@ def assert_kv_equal(
         for g, w in ((gk, wk), (gv, wv)):
             assert g.dtype == w.dtype and g.shape == w.shape
             assert torch.equal(g.view(torch.uint8), w.contiguous().view(torch.uint8))
+
+
+def run_in_threads(work: Callable[[int], object], count: int, timeout: float = 120.0) -> None:
+    """``work(0)`` .. ``work(count - 1)``, each on its own thread at once; re-raises the first failure."""
+    errors: list[BaseException] = []
+
+    def guarded(i: int) -> None:
+        try:
+            work(i)
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=guarded, args=(i,)) for i in range(count)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout)
+    assert not any(thread.is_alive() for thread in threads), f"threads still running after {timeout} s"
+    if errors:
+        raise errors[0]

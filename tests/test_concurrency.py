@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import multiprocessing
 import random
-import threading
 from typing import Any
 
 import torch
@@ -162,23 +161,16 @@ def test_processes_share_one_store(location: str) -> None:
 def test_threads_share_one_vua(location: str) -> None:
     stored: list[torch.Tensor] = []
     hits: list[int] = []
-    errors: list[BaseException] = []
+    from conftest import run_in_threads  # here, not at the top: worker processes import this module
+
     with VUA(CFG, location) as vua:
 
         def worker(seed: int) -> None:
-            try:
-                mine, hit = run_sync(vua, seed, 8)
-                stored.extend(mine)
-                hits.append(hit)
-            except BaseException as exc:
-                errors.append(exc)
+            mine, hit = run_sync(vua, seed, 8)
+            stored.extend(mine)
+            hits.append(hit)
 
-        threads = [threading.Thread(target=worker, args=(seed,)) for seed in range(6)]
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join(120)
-    assert errors == []
+        run_in_threads(worker, 6)
     assert sum(hits) > 0
     verify_store(location, stored)
 

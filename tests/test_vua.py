@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import asyncio
-import threading
 
 import pytest
 import torch
-from conftest import assert_kv_equal, random_kvcache
+from conftest import assert_kv_equal, random_kvcache, run_in_threads
 
 from vua_s3 import VUA, AsyncVUA, ClosestKV, VUAConfig
 
@@ -141,24 +140,15 @@ def test_async_api_from_many_tasks(location: str) -> None:
 def test_sync_face_from_many_threads_and_inside_a_running_loop(location: str) -> None:
     prompts = [torch.randint(0, 1000, (32,)) for _ in range(4)]
     caches = [random_kvcache(seq_len=32) for _ in prompts]
-    errors: list[BaseException] = []
     with VUA(CFG, location) as vua:
 
         def worker(i: int) -> None:
-            try:
-                vua.put(prompts[i], caches[i])
-                res = vua.get_closest(prompts[i])
-                assert res is not None
-                assert_kv_equal(res.data, caches[i])
-            except BaseException as exc:
-                errors.append(exc)
+            vua.put(prompts[i], caches[i])
+            res = vua.get_closest(prompts[i])
+            assert res is not None
+            assert_kv_equal(res.data, caches[i])
 
-        threads = [threading.Thread(target=worker, args=(i,)) for i in range(4)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
-        assert not errors
+        run_in_threads(worker, 4)
 
         async def inside_loop() -> int:
             return vua.lookup(prompts[0])  # a sync call from code running an event loop

@@ -8,6 +8,8 @@ from typing import TYPE_CHECKING, Any
 
 import boto3
 
+from ..errors import ServerNotFoundError
+
 if TYPE_CHECKING:
     from ..storage.s3 import S3Store
 
@@ -31,7 +33,12 @@ class EmbeddedS3:
     """
 
     def __init__(self, bucket: str = "vua-cache") -> None:
-        from moto.server import ThreadedMotoServer
+        try:
+            from moto.server import ThreadedMotoServer
+        except ImportError:
+            raise ServerNotFoundError(
+                "the embedded S3 server needs moto, which is not installed: pip install 'vua_s3[embedded]'"
+            ) from None
 
         self.bucket = bucket
         self.port = free_port()
