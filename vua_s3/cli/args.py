@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import argparse
+from collections.abc import Callable
+from typing import TypeVar
 
 from ..keys import check_namespace
 from ..units import parse_age, parse_size
+
+_T = TypeVar("_T")
 
 LOCATION_HELP = "store location: s3://bucket/prefix?..., file:///path or a path"
 
@@ -18,25 +22,22 @@ def human_size(n: float) -> str:
     raise AssertionError("unreachable")
 
 
-def namespace(text: str) -> str:
-    try:
-        return check_namespace(text)
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
+def _argument_type(parse: Callable[[str], _T], name: str) -> Callable[[str], _T]:
+    """``parse`` as an argparse type: its ``ValueError`` becomes argparse's usage error."""
+
+    def convert(text: str) -> _T:
+        try:
+            return parse(text)
+        except ValueError as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
+
+    convert.__name__ = name  # argparse names the type in its messages
+    return convert
 
 
-def age(text: str) -> float:
-    try:
-        return parse_age(text)
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
-
-
-def size(text: str) -> int:
-    try:
-        return parse_size(text)
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
+namespace = _argument_type(check_namespace, "namespace")
+age = _argument_type(parse_age, "age")
+size = _argument_type(parse_size, "size")
 
 
 def positive_int(text: str) -> int:

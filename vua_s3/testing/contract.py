@@ -121,7 +121,7 @@ class StoreContract:
         raw = bytearray(os.urandom(70_000))
         segments = [
             memoryview(b"header"),
-            memoryview(values.numpy()),  # a typed view (format 'e'), taken as its bytes
+            values.numpy().data,  # a typed view (format 'e'), taken as its bytes
             memoryview(raw)[100:60_100],
             memoryview(b""),
             memoryview(b"tail"),
@@ -164,7 +164,9 @@ class StoreContract:
                     await asyncio.sleep(0)
                 return seen
 
-            *_, seen = await asyncio.gather(*(store.put("race/key", p) for p in payloads), reader())
+            readers = asyncio.ensure_future(reader())
+            await asyncio.gather(*(store.put("race/key", p) for p in payloads))
+            seen = await readers
             final = bytes(await store.get("race/key"))
             for data in [*seen, final]:
                 assert data in payloads

@@ -92,9 +92,8 @@ class S3Settings:
     multipart_threshold: int = 128 << 20
     """Objects larger than this are uploaded in parts and read in ranges. Fragments already
     travel in parallel (one request each, ``max_inflight`` at once), so splitting them
-    further only adds requests: on SeaweedFS one request per 32 MiB fragment moved as
-    fast as 16 MiB parts or faster (README, "Performance"); 128 MiB keeps llama3-70b's
-    80 MiB fragments whole too."""
+    further only adds requests (the sweep is in the README, "Performance"); 128 MiB keeps
+    llama3-70b's 80 MiB fragments whole too."""
     max_attempts: int = 5
     """Tries per request, the first included (as AWS_MAX_ATTEMPTS); 1 disables retries."""
     retry_mode: str = "standard"
