@@ -17,23 +17,12 @@ was probed and found missing, right after one found present (or 0).
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass
-from typing import Generic, TypeVar
+from typing import Any, TypeVar
 
 K = TypeVar("K")
-T = TypeVar("T")
 
 #: Probes keys in one concurrent wave: per key what is known of it, ``None`` if missing.
-HeadMany = Callable[[Sequence[K]], Awaitable[Sequence[T | None]]]
-
-
-@dataclass(frozen=True)
-class Prefix(Generic[T]):
-    """The search's answer: ``length`` leading keys exist; ``found`` is what the probes
-    returned for the keys found present, by index."""
-
-    length: int
-    found: dict[int, T]
+HeadMany = Callable[[Sequence[K]], Awaitable[Sequence[Any | None]]]
 
 
 def _fanout(candidates: int, waves: int) -> int:
@@ -80,11 +69,12 @@ def _worst(lo: int, hi: int, waves: int, first: bool) -> int:
 
 def _waves_used(length: int, waves: int) -> int:
     """The fewest waves, up to ``waves``, that need no more probes than ``waves`` would."""
-    costs = {w: _worst(0, length, w, True) for w in range(1, waves + 1)}
+    useful = min(waves, length.bit_length() + 1)  # beyond it, a binary search: no fewer probes
+    costs = {w: _worst(0, length, w, True) for w in range(1, useful + 1)}
     return min(costs, key=lambda w: (costs[w], w))
 
 
-async def stored_prefix(keys: Sequence[K], head_many: HeadMany[K, T], waves: int) -> Prefix[T]:
+async def stored_prefix(keys: Sequence[K], head_many: HeadMany[K], waves: int) -> int:
     """How many leading ``keys`` exist, in at most ``waves`` calls of ``head_many``.
 
     ``keys`` may be anything ``head_many`` understands, e.g. one representative key per
@@ -93,7 +83,7 @@ async def stored_prefix(keys: Sequence[K], head_many: HeadMany[K, T], waves: int
     if isinstance(waves, bool) or not isinstance(waves, int) or waves < 1:
         raise ValueError(f"waves must be a positive integer, got {waves!r}")
     lo, hi = 0, len(keys)  # the answer lies in lo..hi; keys[hi] was found missing
-    found: dict[int, T] = {}
+    found: set[int] = set()
     left = _waves_used(len(keys), waves)
     first = True
     while lo < hi:
@@ -104,6 +94,6 @@ async def stored_prefix(keys: Sequence[K], head_many: HeadMany[K, T], waves: int
             if info is None:
                 hi = min(hi, i)
             else:
-                found[i] = info
+                found.add(i)
         lo = max([lo, *(i + 1 for i in probes if i in found and i < hi)])
-    return Prefix(lo, found)
+    return lo

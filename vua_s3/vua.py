@@ -282,7 +282,7 @@ class AsyncVUA:
         async def head_many(batch: Sequence[str]) -> list[ObjectInfo | None]:
             return await self._probe(batch, trust_known=trust_known)
 
-        return (await stored_prefix(keys, head_many, self._probe_waves)).length
+        return await stored_prefix(keys, head_many, self._probe_waves)
 
     async def _missing(self, keys: Sequence[str]) -> list[int]:
         """The groups ``put`` must upload: those from the end of the stored prefix on, and
