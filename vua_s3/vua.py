@@ -18,6 +18,7 @@ from .errors import FragmentError, ObjectNotFoundError, SizeMismatchError, Store
 from .fragment import KVCache
 from .keys import fragment_key, group_digests, token_ids
 from .loop import BackgroundLoop, gather_or_cancel
+from .probe import stored_prefix
 from .storage import ObjectInfo, Store, open_store
 
 log = logging.getLogger(__name__)
@@ -27,6 +28,8 @@ _T = TypeVar("_T")
 
 #: Default bound on one ``get_closest``/``lookup`` query, seconds: past it the query is a miss.
 DEFAULT_TIMEOUT = 30.0
+#: Default bound on the waves of HEADs that find the end of a stored prefix (README, "Lookups").
+DEFAULT_PROBE_WAVES = 4
 
 
 class ClosestKV(NamedTuple):
@@ -54,16 +57,18 @@ class _KnownPresent:
 
     Bounded (least recently used go first) and short-lived: an object can vanish by
     lifecycle expiry or a ``gc`` elsewhere, so a hit is trusted for ``ttl`` seconds at
-    most. Misses are never cached. A stale hit costs little: ``get_closest`` treats a
-    vanished fragment as the end of the prefix and forgets it.
+    most. A stale hit costs little: ``get_closest`` treats a vanished fragment as the
+    end of the prefix and forgets it. Keys seen missing are kept too, for ``put`` only:
+    it uploads them again even where the chain says they are stored (a hole); a stale
+    one costs one needless upload. Probes never take a miss from here.
     """
 
     def __init__(self, capacity: int = 4096, ttl: float = 30.0) -> None:
         self._capacity = capacity
         self._ttl = ttl
-        self._entries: OrderedDict[str, tuple[float, ObjectInfo]] = OrderedDict()
+        self._entries: OrderedDict[str, tuple[float, ObjectInfo | None]] = OrderedDict()
 
-    def get(self, key: str) -> ObjectInfo | None:
+    def _entry(self, key: str) -> tuple[float, ObjectInfo | None] | None:
         entry = self._entries.get(key)
         if entry is None:
             return None
@@ -71,11 +76,25 @@ class _KnownPresent:
             del self._entries[key]
             return None
         self._entries.move_to_end(key)
-        return entry[1]
+        return entry
+
+    def get(self, key: str) -> ObjectInfo | None:
+        entry = self._entry(key)
+        return None if entry is None else entry[1]
+
+    def seen_missing(self, key: str) -> bool:
+        entry = self._entry(key)
+        return entry is not None and entry[1] is None
 
     def add(self, info: ObjectInfo) -> None:
-        self._entries[info.key] = (time.monotonic(), info)
-        self._entries.move_to_end(info.key)
+        self._remember(info.key, info)
+
+    def add_missing(self, key: str) -> None:
+        self._remember(key, None)
+
+    def _remember(self, key: str, info: ObjectInfo | None) -> None:
+        self._entries[key] = (time.monotonic(), info)
+        self._entries.move_to_end(key)
         while len(self._entries) > self._capacity:
             self._entries.popitem(last=False)
 
@@ -189,6 +208,7 @@ class AsyncVUA:
         max_inflight: int = 8,
         strict: bool = False,
         timeout: float | None = DEFAULT_TIMEOUT,
+        probe_waves: int = DEFAULT_PROBE_WAVES,
     ) -> None:
         """``location``: ``s3://bucket/prefix?settings``, ``file:///path``, a path, or a store.
 
@@ -200,6 +220,10 @@ class AsyncVUA:
         ``get_closest``/``lookup`` a miss, with one warning per outage. ``strict=True``
         raises :class:`~vua_s3.errors.StoreUnavailableError` instead. Configuration
         errors (access denied, missing bucket, bad settings) always raise.
+
+        ``probe_waves`` bounds the waves of concurrent HEADs (round trips) with which
+        ``lookup`` and ``put`` find the end of the stored prefix: more waves, fewer
+        requests; 1 is one HEAD per group in a single wave (README, "Lookups").
         """
         if isinstance(max_inflight, bool) or not isinstance(max_inflight, int) or max_inflight <= 0:
             raise ValueError(f"max_inflight must be a positive integer, got {max_inflight!r}")
@@ -209,11 +233,14 @@ class AsyncVUA:
             isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not 0 < timeout < float("inf")
         ):
             raise ValueError(f"timeout must be a positive number of seconds or None, got {timeout!r}")
+        if isinstance(probe_waves, bool) or not isinstance(probe_waves, int) or probe_waves <= 0:
+            raise ValueError(f"probe_waves must be a positive integer, got {probe_waves!r}")
         self._config = VUAConfig.coerce(config)
         self._store = open_store(location)
         self._max_inflight = max_inflight
         self._strict = strict
         self._timeout = timeout
+        self._probe_waves = probe_waves
         self._outage: str | None = None
         self._limits: dict[asyncio.AbstractEventLoop, asyncio.Semaphore] = {}
         self._known = _KnownPresent()
@@ -236,16 +263,41 @@ class AsyncVUA:
 
     async def _probe(self, keys: Sequence[str], *, trust_known: bool = True) -> list[ObjectInfo | None]:
         """One wave of HEADs for the keys not known to be present (all of them unless
-        ``trust_known``); hits are remembered."""
+        ``trust_known``); what it finds is remembered."""
         infos = [self._known.get(key) if trust_known else None for key in keys]
         unknown = [i for i, info in enumerate(infos) if info is None]
         if unknown:
             found = await self._store.head_many([keys[i] for i in unknown])
             for i, info in zip(unknown, found, strict=True):
                 infos[i] = info
-                if info is not None:
+                if info is None:
+                    self._known.add_missing(keys[i])
+                else:
                     self._known.add(info)
         return infos
+
+    async def _stored_prefix(self, keys: Sequence[str], *, trust_known: bool) -> int:
+        """How many leading ``keys`` are stored, found in at most ``probe_waves`` waves."""
+
+        async def head_many(batch: Sequence[str]) -> list[ObjectInfo | None]:
+            return await self._probe(batch, trust_known=trust_known)
+
+        return await stored_prefix(keys, head_many, self._probe_waves)
+
+    async def _missing(self, keys: Sequence[str]) -> list[int]:
+        """The groups ``put`` must upload: those from the end of the stored prefix on, and
+        any before it this object saw missing (a hole is filled, not trusted to the chain)."""
+        missing: list[int] = []
+        start = 0
+        while True:
+            hole = next((i for i in range(start, len(keys)) if self._known.seen_missing(keys[i])), len(keys))
+            # A group known to be stored vouches for those before it, as the search's probes do.
+            lo = max((i + 1 for i in range(start, hole) if self._known.get(keys[i]) is not None), default=start)
+            end = lo + await self._stored_prefix(keys[lo:hole], trust_known=True)
+            if end < hole or hole == len(keys):
+                return missing + list(range(end, len(keys)))
+            missing.append(hole)
+            start = hole + 1
 
     def _groups(self, ids: torch.Tensor, salt: str | None) -> list[_Group]:
         if salt is not None and not isinstance(salt, str):
@@ -266,15 +318,15 @@ class AsyncVUA:
         """
         rows = _token_rows(tokens)
         _check_kvcache(kvcache, rows)
-        sequences = [(row, token_ids(tokens_row, self._config.split_factor)) for row, tokens_row in enumerate(rows)]
+        sequences = [token_ids(tokens_row, self._config.split_factor) for tokens_row in rows]
+        chains = [self._groups(ids, salt) for ids in sequences]
+        missing = await gather_or_cancel(*(self._missing([g.key for g in chain]) for chain in chains))
         todo: dict[str, tuple[int, torch.Tensor, _Group]] = {}
-        for row, ids in sequences:
-            for group in self._groups(ids, salt):
-                todo.setdefault(group.key, (row, ids, group))
-        present = await self._probe(list(todo))
-        missing = [item for item, info in zip(todo.values(), present, strict=True) if info is None]
-        await gather_or_cancel(*(self._write_group(kvcache, row, 0, ids, group) for row, ids, group in missing))
-        return len(missing)
+        for row, (ids, chain, numbers) in enumerate(zip(sequences, chains, missing, strict=True)):
+            for number in numbers:
+                todo.setdefault(chain[number].key, (row, ids, chain[number]))
+        await gather_or_cancel(*(self._write_group(kvcache, row, 0, ids, group) for row, ids, group in todo.values()))
+        return len(todo)
 
     async def put_groups(
         self, ids: torch.Tensor, kvcache: KVCache, groups: Sequence[int], *, kv_start: int = 0, salt: str | None = None
@@ -404,7 +456,10 @@ class AsyncVUA:
                 self._pool.give(buf, pinned)
                 if not isinstance(exc, (ObjectNotFoundError, SizeMismatchError)):
                     raise
-                self._known.discard(key)
+                if isinstance(exc, ObjectNotFoundError):
+                    self._known.add_missing(key)
+                else:
+                    self._known.discard(key)
                 if isinstance(exc, SizeMismatchError) and not attempt:
                     info = (await self._store.head_many([key]))[0]
                     if info is not None:
@@ -438,8 +493,8 @@ class AsyncVUA:
         groups = self._groups(token_ids(trimmed, self._config.split_factor), salt)
         # Always asked: a lookup tells what the store can serve now (an outage, a refusal, an
         # expiry must show), where put and get_closest lose nothing by trusting the cache.
-        infos = await self._probe([g.key for g in groups], trust_known=False)
-        return len(_leading_hits(infos)) * self._config.split_factor
+        stored = await self._stored_prefix([g.key for g in groups], trust_known=False)
+        return stored * self._config.split_factor
 
     async def close(self) -> None:
         """Release the store's connections."""
