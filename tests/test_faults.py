@@ -30,9 +30,9 @@ import boto3
 import pytest
 import torch
 from conftest import assert_kv_equal, random_kvcache, unique_prefix
-from faultproxy import Fault, FaultProxy
 
 from vua_s3 import VUA, AccessDeniedError, StoreUnavailableError, VUAConfig
+from vua_s3.testing.faultproxy import Fault, FaultProxy
 from vua_s3.testing.moto import EMBEDDED_CREDENTIALS, EMBEDDED_REGION, EmbeddedS3, free_port
 
 CFG = VUAConfig(split_factor=16)

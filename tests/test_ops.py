@@ -11,7 +11,6 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import random_kvcache, unique_prefix
-from faultproxy import Fault, FaultProxy
 from test_bad_input import listing
 
 from vua_s3 import VUA, VUAConfig, open_store
@@ -20,6 +19,7 @@ from vua_s3.ops.doctor import FAIL, PASS, WARN, Check, doctor
 from vua_s3.ops.gc import gc
 from vua_s3.storage import ObjectInfo, Store
 from vua_s3.storage.posix import PosixStore
+from vua_s3.testing.faultproxy import Fault, FaultProxy
 from vua_s3.testing.moto import EmbeddedS3, free_port
 from vua_s3.units import parse_age
 
