@@ -206,9 +206,10 @@ class AsyncVUA:
 
         A cache is an optimization, so by default an outage of the store (unreachable,
         5xx after retries, slower than ``timeout`` seconds per query) makes
-        ``get_closest``/``lookup`` a miss, with one warning per outage. ``strict=True``
-        raises :class:`~vua_s3.errors.StoreUnavailableError` instead. Configuration
-        errors (access denied, missing bucket, bad settings) always raise.
+        ``get_closest``/``lookup`` a miss, with one warning per outage; an outage part-way
+        through a prefix gives the groups loaded before it. ``strict=True`` raises
+        :class:`~vua_s3.errors.StoreUnavailableError` instead. Configuration errors (access
+        denied, missing bucket, bad settings) always raise.
         """
         if isinstance(max_inflight, bool) or not isinstance(max_inflight, int) or max_inflight <= 0:
             raise ValueError(f"max_inflight must be a positive integer, got {max_inflight!r}")
@@ -321,8 +322,8 @@ class AsyncVUA:
         """The longest stored prefix of ``tokens`` loaded onto ``device``, or ``None``.
 
         A list of 1-D tensors gives a list of results. Tokens are trimmed to the split
-        factor first. A fragment that is corrupt, truncated or does not hold the query's
-        tokens ends the prefix there (logged), so wrong KV is never returned.
+        factor first. A fragment that is corrupt, truncated, unreadable or does not hold the
+        query's tokens ends the prefix there (logged), so wrong KV is never returned.
         """
         if isinstance(tokens, torch.Tensor):
             return await self._guarded("get_closest", self._get_one(tokens, torch.device(device), salt), None)
@@ -404,12 +405,7 @@ class AsyncVUA:
                     if exc is None or number >= end:
                         continue
                     if isinstance(exc, AccessDeniedError) and number:
-                        log.warning(
-                            "fragment %d of the prefix is refused by %s, the prefix ends there: %s",
-                            number,
-                            self._store.url,
-                            exc,
-                        )
+                        log.warning("fragment %d is refused, the prefix ends there: %s", number, exc)
                     elif not isinstance(exc, StoreUnavailableError):
                         raise exc
                     end, outage = number, exc if isinstance(exc, StoreUnavailableError) else None

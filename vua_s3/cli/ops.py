@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
+import json
 import sys
 from typing import Any
 
 from ..ops.doctor import FAIL, format_checks
 from ..ops.doctor import doctor as run_doctor
 from ..ops.gc import gc as run_gc
+from ..ops.soak import soak as run_soak
 from .args import LOCATION_HELP, age, human_size, namespace, size
 
 
@@ -31,6 +34,13 @@ def add_parsers(sub: Any) -> None:
     p.add_argument("--namespace", type=namespace, help="only this namespace")
     p.add_argument("--dry-run", action="store_true", help="report what would be deleted, delete nothing")
     p.set_defaults(func=gc, parser=p)
+
+    p = sub.add_parser(
+        "soak", help="run 4 clients, gc and injected faults against a local SeaweedFS, then check every result"
+    )
+    p.add_argument("--minutes", type=_minutes, default=15.0, help="how long the clients run")
+    p.add_argument("--json", help="also write the report to this file")
+    p.set_defaults(func=soak)
 
 
 def doctor(args: argparse.Namespace) -> int:
@@ -76,3 +86,23 @@ def gc(args: argparse.Namespace) -> int:
         f"{'would remove' if report.dry_run else 'removed'} {report.uploads_aborted} stale incomplete writes"
     )
     return 0
+
+
+def soak(args: argparse.Namespace) -> int:
+    """The soak run; its summary, and 1 if any check failed."""
+    report = run_soak(args.minutes * 60)
+    print(report.summary())
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(dataclasses.asdict(report), f, indent=1)
+    return 1 if report.problems else 0
+
+
+def _minutes(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of minutes") from None
+    if not 0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a positive number of minutes, got {text}")
+    return value

@@ -9,14 +9,12 @@ worker got back must be bit-exact, a final gc must leave no multipart upload beh
 the fragments within the byte cap, each worker's RSS must not have grown past a bound after
 its warm-up, and closing its cache must give back every file descriptor it opened.
 
-``python -m vua_s3.ops.soak --minutes 15`` (or ``vua-s3 soak``) prints the figures.
+``vua-s3 soak --minutes 15`` prints the figures.
 """
 
 from __future__ import annotations
 
-import argparse
 import asyncio
-import json
 import multiprocessing
 import os
 import queue
@@ -319,20 +317,3 @@ def _problems(report: SoakReport) -> list[str]:
         if not w.hits or not w.groups_written:
             problems.append(f"worker {w.worker} never hit or never wrote: the soak tested nothing")
     return problems
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m vua_s3.ops.soak", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--minutes", type=float, default=15.0)
-    parser.add_argument("--json", help="also write the report here")
-    args = parser.parse_args(argv)
-    report = soak(args.minutes * 60)
-    print(report.summary())
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(asdict(report), f, indent=1)
-    return 1 if report.problems else 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())
