@@ -15,6 +15,8 @@ its warm-up, and closing its cache must give back every file descriptor it opene
 from __future__ import annotations
 
 import asyncio
+import gc as gc_module
+import logging
 import multiprocessing
 import os
 import queue
@@ -64,6 +66,8 @@ class WorkerReport:
     wrong_kv: int = 0
     put_failures: int = 0
     read_errors: list[str] = field(default_factory=list)
+    loop_errors: list[str] = field(default_factory=list)
+    """What asyncio reported on its own: task exceptions nobody retrieved, callbacks that raised."""
     rss_after_warmup: int = 0
     rss_end: int = 0
     fds_before: int = 0
@@ -146,6 +150,8 @@ def _worker(index: int, url: str, seconds: float, results: Any) -> None:
     """Put, load and probe random prefixes until the time is up; report what happened."""
     rng = random.Random(index)
     report = WorkerReport(worker=index)
+    catch = _Collect(report.loop_errors)
+    logging.getLogger("asyncio").addHandler(catch)
     docs = {model[0]: [_document(model, d) for d in range(DOCUMENTS)] for model in MODELS}
     report.fds_before = _fds()
     caches = {model[0]: VUA(VUAConfig(split_factor=SPLIT, namespace=model[0]), url, timeout=10.0) for model in MODELS}
@@ -195,7 +201,18 @@ def _worker(index: int, url: str, seconds: float, results: Any) -> None:
     for vua in caches.values():
         vua.close()
     report.fds_after_close = _fds()
+    gc_module.collect()  # a task nobody awaited is reported when it is collected
+    logging.getLogger("asyncio").removeHandler(catch)
     results.put(asdict(report))
+
+
+class _Collect(logging.Handler):
+    def __init__(self, into: list[str]) -> None:
+        super().__init__(logging.ERROR)
+        self._into = into
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self._into.append(record.getMessage()[:300])
 
 
 def _same(a: torch.Tensor, b: torch.Tensor) -> bool:
@@ -305,6 +322,9 @@ def _problems(report: SoakReport) -> list[str]:
     errors = [e for w in report.workers for e in w.read_errors]
     if errors:
         problems.append(f"{len(errors)} reads raised, e.g. {errors[0]}")
+    loop_errors = [e for w in report.workers for e in w.loop_errors]
+    if loop_errors:
+        problems.append(f"asyncio reported {len(loop_errors)} errors, e.g. {loop_errors[0]}")
     if report.orphan_uploads:
         problems.append(f"{report.orphan_uploads} multipart uploads left after the final gc")
     if report.store_bytes > report.max_bytes:
