@@ -9,25 +9,30 @@ number of times, outages make reads a miss (one warning per outage) unless
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
+import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections import Counter
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import boto3
 import pytest
 import torch
 from conftest import assert_kv_equal, random_kvcache, unique_prefix
-from faultproxy import Fault, FaultProxy
 
 from vua_s3 import VUA, AccessDeniedError, StoreUnavailableError, VUAConfig
+from vua_s3.testing.faultproxy import Fault, FaultProxy
 from vua_s3.testing.moto import EMBEDDED_CREDENTIALS, EMBEDDED_REGION, EmbeddedS3, free_port
 
 CFG = VUAConfig(split_factor=16)
@@ -305,13 +310,13 @@ def _other_group_bytes(server: EmbeddedS3, prefix: str) -> bytes:
         (Fault("flip", method="GET", offset=-3), 2, "checksum mismatch"),
         (Fault("flip", method="GET", offset=40), 2, "header|checksum|metadata"),
         (Fault("replace", method="GET"), 2, "metadata group='1', expected '2'"),
-        (Fault("cut", method="GET", after_bytes=300), 0, "unavailable"),
+        (Fault("cut", method="GET", after_bytes=300), 2, "unavailable"),
     ],
     ids=["truncated-body", "flipped-data-byte", "flipped-header-byte", "another-groups-object", "connection-cut"],
 )
 def test_damaged_answers_are_never_returned(moto_server, proxy, prefix, caplog, fault, groups, reason) -> None:  # type: ignore[no-untyped-def]
-    """Group 2's answer is damaged on the wire: the prefix ends before it (a transport
-    failure makes the whole query a miss), and the data returned is exact."""
+    """Group 2's answer is damaged on the wire: the prefix ends before it, and the data
+    returned is exact."""
     url = url_via(moto_server.bucket, proxy.endpoint_url, prefix)
     with VUA(CFG, url) as vua:
         vua.put(TOKENS, KV)
@@ -322,17 +327,46 @@ def test_damaged_answers_are_never_returned(moto_server, proxy, prefix, caplog, 
         with caplog.at_level(logging.WARNING, logger="vua_s3"):
             res = vua.get_closest(TOKENS)
         assert proxy.served(fault.action) >= 1
-        if groups == 0:
-            assert res is None
-        else:
-            assert res is not None
-            assert torch.equal(res.tokens, TOKENS[: groups * 16])
-            assert_kv_equal(res.data, [(k[:, :, : groups * 16], v[:, :, : groups * 16]) for k, v in KV])
+        assert_prefix(res, groups)
         assert any(KEYS[2] in r.getMessage() for r in caplog.records), caplog.text
         assert any(re.search(reason, r.getMessage()) for r in caplog.records), caplog.text
         proxy.faults = []
         full = vua.get_closest(TOKENS)
         assert full is not None and full.tokens.numel() == 64  # the stored object was never harmed
+
+
+# --- partial outages -------------------------------------------------------------------------
+
+
+def assert_prefix(res: Any, groups: int) -> None:
+    """``res`` is exactly the first ``groups`` groups of TOKENS and KV."""
+    assert res is not None
+    assert torch.equal(res.tokens, TOKENS[: groups * 16])
+    assert_kv_equal(res.data, [(k[:, :, : groups * 16], v[:, :, : groups * 16]) for k, v in KV])
+
+
+@pytest.mark.parametrize("action", ["reset", "status"])
+def test_outage_part_way_returns_the_groups_before_it(moto_server, proxy, prefix, caplog, action) -> None:  # type: ignore[no-untyped-def]
+    """Group 2's GET fails (connection reset, or 503 after the retries): groups 0 and 1
+    are returned, one warning marks the outage, ``strict`` raises."""
+    url = url_via(moto_server.bucket, proxy.endpoint_url, prefix, "&max_attempts=2")
+    with VUA(CFG, url) as vua, caplog.at_level(logging.INFO, logger="vua_s3"):
+        vua.put(TOKENS, KV)
+        proxy.faults = [Fault(action, method="GET", path_contains=KEYS[2])]
+        for _ in range(3):
+            assert_prefix(vua.get_closest(TOKENS), 2)
+        assert proxy.served(action) >= 3
+        assert len(outage_warnings(caplog)) == 1
+        assert KEYS[2] in outage_warnings(caplog)[0]
+        proxy.faults = []
+        assert_prefix(vua.get_closest(TOKENS), 4)
+        assert any("answers again" in r.getMessage() for r in caplog.records)
+        proxy.faults = [Fault(action, method="GET", path_contains=KEYS[0])]
+        assert vua.get_closest(TOKENS) is None  # the first group failed: nothing was verified
+        assert len(outage_warnings(caplog)) == 2
+    proxy.faults = [Fault(action, method="GET", path_contains=KEYS[2])]
+    with VUA(CFG, url, strict=True) as vua, pytest.raises(StoreUnavailableError, match=re.escape(KEYS[2])):
+        vua.get_closest(TOKENS)
 
 
 # --- refused access --------------------------------------------------------------------------
@@ -371,6 +405,76 @@ def test_missing_permission_raises_even_when_not_strict(moto_server, proxy, pref
 
 
 # --- POSIX -----------------------------------------------------------------------------------
+
+
+def test_posix_read_failure_part_way_returns_the_groups_before_it(tmp_path, caplog) -> None:  # type: ignore[no-untyped-def]
+    """Group 2's file is a directory: it is there (lookup counts it) but reading it fails."""
+    with VUA(CFG, tmp_path) as vua, caplog.at_level(logging.WARNING, logger="vua_s3"):
+        vua.put(TOKENS, KV)
+        (tmp_path / KEYS[2]).unlink()
+        (tmp_path / KEYS[2]).mkdir()
+        assert vua.lookup(TOKENS) == 64
+        for _ in range(2):
+            assert_prefix(vua.get_closest(TOKENS), 2)
+        assert len(outage_warnings(caplog)) == 1
+        assert "Is a directory" in outage_warnings(caplog)[0]
+
+
+_AS_NOBODY = """
+import json, os, sys
+import torch
+from vua_s3 import VUA, VUAConfig, AccessDeniedError
+prompt, other = torch.load(sys.argv[2])
+vua = VUA(VUAConfig(split_factor=16), sys.argv[1])
+vua.lookup(prompt)  # imports and threads are in place before the privileges go
+os.setgroups([])
+os.setgid(65534)
+os.setuid(65534)
+out = {"uid": os.getuid(), "lookup": vua.lookup(prompt)}
+res = vua.get_closest(prompt)
+out["groups"] = 0 if res is None else res.tokens.numel() // 16
+try:
+    vua.get_closest(other)
+except AccessDeniedError as exc:
+    out["refused"] = str(exc)
+vua.close()
+print(json.dumps(out))
+"""
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to hand files to another user")
+def test_posix_permission_denied_part_way(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """A real EACCES (root ignores file modes, so the reader drops to uid 65534 once its
+    imports are done): a refused group after the first ends the prefix with a warning; a
+    refused first group raises, as refused access always does."""
+    root = Path(tempfile.mkdtemp(prefix="vua-nobody-"))
+    other = TOKENS.flip(0)
+    try:
+        root.chmod(0o755)
+        with VUA(CFG, root) as vua:
+            vua.put(TOKENS, KV)
+            vua.put(other, KV)
+        for path in [root, *root.rglob("*")]:
+            os.chown(path, 65534, 65534)
+        unreadable = [KEYS[2], CFG.tokens_to_paths(other)[0]]
+        for key in unreadable:
+            os.chown(root / key, 0, 0)  # root's now, mode 0640: uid 65534 may not read it
+        prompts = tmp_path / "prompts.pt"
+        torch.save((TOKENS, other), prompts)
+        run = subprocess.run(
+            [sys.executable, "-c", _AS_NOBODY, str(root), str(prompts)],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            env={**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])},
+        )
+        assert run.returncode == 0, run.stderr
+        out = json.loads(run.stdout)
+        assert (out["uid"], out["lookup"], out["groups"]) == (65534, 64, 2)
+        assert "refused" in run.stderr and KEYS[2] in run.stderr
+        assert unreadable[1] in out["refused"] and "Permission denied" in out["refused"]
+    finally:
+        shutil.rmtree(root)
 
 
 def test_posix_io_error_is_a_miss_not_a_crash(tmp_path, caplog) -> None:  # type: ignore[no-untyped-def]

@@ -6,11 +6,11 @@ import asyncio
 import os
 import time
 from collections.abc import Iterator, Sequence
+from pathlib import Path
 
 import pytest
 import torch
 from conftest import random_kvcache, unique_prefix
-from faultproxy import Fault, FaultProxy
 from test_bad_input import listing
 
 from vua_s3 import VUA, VUAConfig, open_store
@@ -19,6 +19,7 @@ from vua_s3.ops.doctor import FAIL, PASS, WARN, Check, doctor
 from vua_s3.ops.gc import gc
 from vua_s3.storage import ObjectInfo, Store
 from vua_s3.storage.posix import PosixStore
+from vua_s3.testing.faultproxy import Fault, FaultProxy
 from vua_s3.testing.moto import EmbeddedS3, free_port
 from vua_s3.units import parse_age
 
@@ -178,12 +179,126 @@ def test_gc_cli_summary_and_flags(tmp_path, capsys) -> None:  # type: ignore[no-
     assert "would delete 0 of 10 objects" in capsys.readouterr().out
     assert main(["gc", str(tmp_path), "--older-than", "0s", "--namespace", "model-b"]) == 0
     out = capsys.readouterr().out
-    assert "deleted 4 of 4 objects" in out and "aborted 0 stale multipart uploads" in out
-    for bad in (["--older-than", "7 days"], ["--older-than", "-1d"], ["--older-than", "1d", "--namespace", "a/b"], []):
+    assert "deleted 4 of 4 objects" in out and "removed 0 stale incomplete writes" in out
+    assert main(["gc", str(tmp_path), "--max-bytes", "6KiB", "--per-namespace"]) == 0
+    out = capsys.readouterr().out
+    assert "deleted 2 of 6 objects" in out and "2 of them over the byte cap" in out, out
+    bad_flags = (
+        ["--older-than", "7 days"],
+        ["--older-than", "-1d"],
+        ["--older-than", "1d", "--namespace", "a/b"],
+        ["--max-bytes", "lots"],
+        ["--max-bytes", "-1"],
+        ["--older-than", "1d", "--per-namespace"],
+        [],
+    )
+    for bad in bad_flags:
         with pytest.raises(SystemExit) as exit_info:
             main(["gc", str(tmp_path), *bad])
         assert exit_info.value.code == 2
-    assert "--older-than" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "--older-than" in err and "--max-bytes" in err and "needs --max-bytes" in err
+
+
+def _age_files(root: Path, ages: dict[str, float]) -> None:
+    """Give each fragment of each prompt (by token offset) its own age in seconds."""
+    now = time.time()
+    for key, seconds in ages.items():
+        os.utime(root / key, (now - seconds, now - seconds))
+
+
+def test_gc_max_bytes_deletes_least_recently_written_first(tmp_path: Path) -> None:
+    prompts = [torch.arange(64) + 1000 * i for i in range(3)]  # oldest first
+    with VUA(CFG, tmp_path) as a, VUA(OTHER, tmp_path) as b:
+        for vua in (a, b):
+            for prompt in prompts:
+                vua.put(prompt, random_kvcache(seq_len=64))
+    ages = {}
+    for i, prompt in enumerate(prompts):
+        for j, cfg in enumerate((CFG, OTHER)):
+            for g, key in enumerate(cfg.tokens_to_paths(prompt)):
+                ages[key] = 3600.0 * (3 - i) + 60 * j + g  # within a prompt, later groups are older
+    _age_files(tmp_path, ages)
+    sizes = {key: (tmp_path / key).stat().st_size for key in ages}
+    by_age = sorted(ages, key=ages.__getitem__, reverse=True)  # oldest first
+    total, oldest4 = sum(sizes.values()), sum(sizes[k] for k in by_age[:4])
+
+    dry = asyncio.run(gc(str(tmp_path), max_bytes=total - oldest4, dry_run=True))
+    assert (dry.over_cap, dry.deleted, dry.bytes_kept) == (4, 4, total - oldest4)
+    assert all((tmp_path / key).exists() for key in ages)
+
+    report = asyncio.run(gc(str(tmp_path), max_bytes=total - oldest4 + 1))
+    assert (report.scanned, report.over_cap, report.deleted, report.bytes_freed) == (24, 4, 4, oldest4)
+    assert sorted(k for k in ages if not (tmp_path / k).exists()) == sorted(by_age[:4])
+
+    for cfg in (CFG, OTHER):
+        mine = [k for k in by_age if k.startswith(cfg.namespace + "/") and (tmp_path / k).exists()]
+        assert sum(sizes[k] for k in mine[-6:]) <= 6 * max(sizes.values())
+    per = asyncio.run(gc(str(tmp_path), max_bytes=6 * max(sizes.values()), per_namespace=True))
+    left = {k for k in ages if (tmp_path / k).exists()}
+    assert per.bytes_kept == sum(sizes[k] for k in left)
+    for cfg in (CFG, OTHER):
+        mine = [k for k in by_age if k.startswith(cfg.namespace + "/")]
+        assert left & set(mine) == set(mine[-6:])  # each namespace keeps its 6 newest
+
+    with VUA(CFG, tmp_path) as a:
+        assert a.lookup(prompts[2]) == 64  # the newest prompt is whole
+        assert a.lookup(prompts[1]) == 32  # its groups 0 and 1 were written last
+        assert a.get_closest(prompts[0]) is None
+
+
+def test_gc_max_bytes_on_s3(location: str) -> None:
+    _fill(location)
+    before = asyncio.run(listing(location))
+    fragments = {k: v for k, v in before.items() if k.endswith(".safetensors")}
+    cap = sum(fragments.values()) // 2
+    report = asyncio.run(gc(location, max_bytes=cap))
+    assert report.deleted == 4 and report.bytes_kept <= cap
+    after = asyncio.run(listing(location))
+    assert sum(v for k, v in after.items() if k.endswith(".safetensors")) == report.bytes_kept
+    assert {k for k in before if not k.endswith(".safetensors")} <= set(after)  # foreign objects stay
+
+
+def test_gc_max_bytes_keeps_a_fragment_rewritten_while_it_runs(tmp_path: Path) -> None:
+    _fill(str(tmp_path))
+    for i, path in enumerate(sorted(tmp_path.rglob("*.safetensors"))):
+        os.utime(path, (time.time() - 3600 - i, time.time() - 3600 - i))
+    oldest = max(tmp_path.rglob("*.safetensors"), key=lambda p: -p.stat().st_mtime)
+    rewritten = str(oldest.relative_to(tmp_path))
+
+    class RacingStore(PosixStore):
+        async def head_many(self, keys: Sequence[str]) -> list[ObjectInfo | None]:
+            if rewritten in keys:
+                await self.put(rewritten, await self.get(rewritten))
+            return await super().head_many(keys)
+
+    report = asyncio.run(gc(RacingStore(tmp_path), max_bytes=0))
+    assert (report.over_cap, report.deleted) == (8, 7)
+    assert oldest.exists()
+
+
+def test_gc_removes_stale_temporary_files(tmp_path: Path) -> None:
+    _fill(str(tmp_path))
+    fanout = next(tmp_path.rglob("*.safetensors")).parent
+    old, fresh, linked = fanout / ".tmp-crashed", fanout / ".tmp-writing", fanout / ".tmp-link"
+    outside = tmp_path.parent / f"{tmp_path.name}-outside.tmp"
+    for path in (old, fresh, outside):
+        path.write_bytes(b"partial")
+    linked.symlink_to(outside)
+    two_hours_ago = time.time() - 7200
+    for path in (old, outside):
+        os.utime(path, (two_hours_ago, two_hours_ago))
+    os.utime(linked, (two_hours_ago, two_hours_ago), follow_symlinks=False)
+
+    dry = asyncio.run(gc(str(tmp_path), older_than=86400, stale_after=3600, dry_run=True))
+    assert dry.uploads_aborted == 1 and old.exists()
+    other = "model-b" if fanout.parent.name == "model-a" else "model-a"
+    assert asyncio.run(gc(str(tmp_path), older_than=86400, stale_after=3600, namespace=other)).uploads_aborted == 0
+    assert asyncio.run(gc(str(tmp_path), older_than=86400)).uploads_aborted == 0  # stale after a day, here
+    report = asyncio.run(gc(str(tmp_path), max_bytes=1 << 30))  # stale after the default hour
+    assert report.deleted == 0
+    assert not old.exists() and fresh.exists() and linked.is_symlink() and outside.exists()
+    outside.unlink()
 
 
 @pytest.mark.parametrize(

@@ -9,12 +9,12 @@ from collections.abc import Iterator
 import pytest
 import torch
 from conftest import assert_kv_equal, random_kvcache, unique_prefix
-from faultproxy import Fault, FaultProxy
 
 from vua_s3 import AsyncVUA, StoreUnavailableError, VUAConfig
 from vua_s3.probe import worst_case
 from vua_s3.storage import open_store
 from vua_s3.testing.counting import CountingStore
+from vua_s3.testing.faultproxy import Fault, FaultProxy
 from vua_s3.testing.moto import EMBEDDED_REGION, EmbeddedS3
 
 SPLIT = 2

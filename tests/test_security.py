@@ -19,12 +19,12 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import assert_kv_equal, random_kvcache, unique_prefix
-from faultproxy import Fault, FaultProxy
 
 from vua_s3 import VUA, AccessDeniedError, InvalidLocationError, StoreError, VUAConfig, open_store
 from vua_s3.logsafe import redact
 from vua_s3.storage.posix import DIR_MODE, FILE_MODE
 from vua_s3.storage.s3.settings import SSE_C_KEY_ENV, S3Settings
+from vua_s3.testing.faultproxy import Fault, FaultProxy
 from vua_s3.testing.moto import EmbeddedS3
 
 CFG = VUAConfig(split_factor=16)

@@ -11,11 +11,11 @@ from collections.abc import Iterator
 import aioboto3
 import pytest
 from conftest import unique_prefix
-from faultproxy import Fault, FaultProxy
 
 from vua_s3.storage import Store
 from vua_s3.storage.s3 import S3Store
 from vua_s3.testing.contract import StoreContract
+from vua_s3.testing.faultproxy import Fault, FaultProxy
 from vua_s3.testing.moto import EmbeddedS3
 from vua_s3.testing.seaweed import SeaweedS3
 

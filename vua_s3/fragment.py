@@ -15,10 +15,12 @@ checks nothing.
 from __future__ import annotations
 
 import json
+import math
 import struct
 import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any, TypeGuard
 
 import torch
 
@@ -42,8 +44,12 @@ _DTYPE_NAMES: dict[torch.dtype, str] = {
 }
 _DTYPES = {name: dtype for dtype, name in _DTYPE_NAMES.items()}
 _HEADER_ALIGN = 8
+#: A fragment header is under a KiB; anything much longer is not one, and is not parsed.
+MAX_HEADER_BYTES = 1 << 16
 
 KVCache = Sequence[tuple[torch.Tensor, torch.Tensor]]
+_Entries = dict[str, tuple[torch.dtype, list[int], int]]
+"""Each tensor's dtype, shape and offset in the data section."""
 
 
 @dataclass(frozen=True)
@@ -156,40 +162,83 @@ def _views(block: torch.Tensor) -> list[memoryview]:
 
 
 def decode(buf: bytearray | memoryview) -> Fragment:
-    """Parse and integrity-check a fragment; raise :class:`FragmentError` if it is unusable."""
+    """Parse and integrity-check a fragment; raise :class:`FragmentError` if it is unusable.
+
+    Anyone with write access to the store can put any bytes under a key, so every field
+    is checked before it is used: the header is bounded, every offset and shape must
+    agree with the object's own size, and nothing is allocated from what the header
+    claims (the tensors are views of ``buf``).
+    """
     view = memoryview(buf)
     if len(view) < 8:
         raise FragmentError(f"object is {len(view)} bytes, too short for a safetensors header")
     (header_len,) = struct.unpack_from("<Q", view, 0)
+    if header_len > MAX_HEADER_BYTES:
+        raise FragmentError(
+            f"header claims {header_len} bytes, more than a fragment header can have ({MAX_HEADER_BYTES})"
+        )
     data_start = 8 + header_len
     if data_start > len(view):
         raise FragmentError(f"header claims {header_len} bytes but the object has {len(view)}")
     try:
-        header = json.loads(bytes(view[8:data_start]))
-        metadata: dict[str, str] = header.pop("__metadata__")
-        entries = {name: header[name] for name in ("tokens", "kv")}
-    except (ValueError, KeyError, TypeError) as exc:
+        header = json.loads(bytes(view[8:data_start]).decode("utf-8"), object_pairs_hook=_unique_keys)
+    except (ValueError, RecursionError) as exc:
         raise FragmentError(f"unreadable fragment header ({exc!r})") from None
+    metadata, entries = _check_header(header, len(view) - data_start)
     if metadata.get("format") != FORMAT or metadata.get("version") != VERSION:
         raise FragmentError(
             f"not a version {VERSION} fragment (format={metadata.get('format')!r}, version={metadata.get('version')!r})"
         )
-    data_len = len(view) - data_start
-    if entries["kv"]["data_offsets"][1] != data_len:
-        raise FragmentError(f"data section is {data_len} bytes, header expects {entries['kv']['data_offsets'][1]}")
     crc = f"{zlib.crc32(view[data_start:]):08x}"
     if metadata.get("crc32") != crc:
         raise FragmentError(f"checksum mismatch: stored {metadata.get('crc32')!r}, computed {crc!r}")
-    tensors = {}
-    for name, entry in entries.items():
-        dtype = _DTYPES.get(entry["dtype"])
-        if dtype is None:
-            raise FragmentError(f"tensor {name!r} has unsupported dtype {entry['dtype']!r}")
-        begin, end = entry["data_offsets"]
-        itemsize = torch.empty((), dtype=dtype).element_size()
-        tensor = torch.frombuffer(buf, dtype=dtype, offset=data_start + begin, count=(end - begin) // itemsize)
-        try:
-            tensors[name] = tensor.view(entry["shape"])
-        except RuntimeError as exc:
-            raise FragmentError(f"tensor {name!r} does not fit its shape {entry['shape']}: {exc}") from None
+    tensors = {
+        name: torch.frombuffer(buf, dtype=dtype, offset=data_start + begin, count=math.prod(shape)).view(shape)
+        for name, (dtype, shape, begin) in entries.items()
+    }
     return Fragment(tokens=tensors["tokens"], kv=tensors["kv"], metadata=metadata)
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """A JSON object that names a key twice is ambiguous (readers differ on which wins)."""
+    found = dict(pairs)
+    if len(found) != len(pairs):
+        raise ValueError(f"duplicate names in {[key for key, _ in pairs]}")
+    return found
+
+
+def _check_header(header: object, data_len: int) -> tuple[dict[str, str], _Entries]:
+    """The metadata and each tensor's dtype, shape and start, once they describe exactly
+    ``data_len`` bytes: ``tokens`` (int64, 1-D) first, then ``kv``, back to back."""
+    if not isinstance(header, dict) or set(header) != {"tokens", "kv", "__metadata__"}:
+        names = sorted(header) if isinstance(header, dict) else type(header).__name__
+        raise FragmentError(f"header must hold exactly tokens, kv and __metadata__, got {names}")
+    metadata = header["__metadata__"]
+    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+        raise FragmentError("header __metadata__ must map names to strings")
+    entries: _Entries = {}
+    offset = 0
+    for name in ("tokens", "kv"):
+        entry = header[name]
+        if not isinstance(entry, dict) or set(entry) != {"dtype", "shape", "data_offsets"}:
+            raise FragmentError(f"tensor {name!r} must have exactly dtype, shape and data_offsets, got {entry!r:.200}")
+        dtype = _DTYPES.get(entry["dtype"]) if isinstance(entry["dtype"], str) else None
+        shape, offsets = entry["shape"], entry["data_offsets"]
+        if dtype is None or (name == "tokens" and dtype != torch.int64):
+            raise FragmentError(f"tensor {name!r} has unsupported dtype {entry['dtype']!r:.100}")
+        if not _ints(shape) or not all(size > 0 for size in shape) or (name == "tokens" and len(shape) != 1):
+            raise FragmentError(f"tensor {name!r} has an invalid shape {shape!r:.200}")
+        if not _ints(offsets) or len(offsets) != 2 or offsets[0] != offset:
+            raise FragmentError(f"tensor {name!r} has invalid data_offsets {offsets!r:.200}, expected [{offset}, end]")
+        size = math.prod(shape) * dtype.itemsize
+        if offsets[1] - offsets[0] != size:
+            raise FragmentError(f"tensor {name!r} of shape {shape} is {size} bytes but data_offsets span {offsets}")
+        entries[name] = (dtype, shape, offset)
+        offset = offsets[1]
+    if offset != data_len:
+        raise FragmentError(f"data section is {data_len} bytes, header expects {offset}")
+    return metadata, entries
+
+
+def _ints(value: object) -> TypeGuard[list[int]]:
+    return isinstance(value, list) and all(type(item) is int for item in value)

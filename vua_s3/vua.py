@@ -7,14 +7,15 @@ import logging
 import os
 import time
 from collections import OrderedDict
-from collections.abc import Awaitable, Sequence
-from typing import Any, NamedTuple, TypeVar, overload
+from collections.abc import Awaitable, Coroutine, Sequence
+from dataclasses import dataclass
+from typing import Any, Generic, NamedTuple, TypeVar, overload
 
 import torch
 
 from . import fragment
 from .config import VUAConfig
-from .errors import FragmentError, ObjectNotFoundError, SizeMismatchError, StoreUnavailableError
+from .errors import AccessDeniedError, FragmentError, ObjectNotFoundError, SizeMismatchError, StoreUnavailableError
 from .fragment import KVCache
 from .keys import fragment_key, group_digests, token_ids
 from .loop import BackgroundLoop, gather_or_cancel
@@ -41,6 +42,14 @@ class ClosestKV(NamedTuple):
 
     tokens: torch.Tensor
     data: list[tuple[torch.Tensor, torch.Tensor]]
+
+
+@dataclass(frozen=True)
+class _Interrupted(Generic[_T]):
+    """A query cut short by an outage: what it verified before the outage, and the outage."""
+
+    partial: _T
+    outage: StoreUnavailableError
 
 
 class _Group(NamedTuple):
@@ -217,9 +226,10 @@ class AsyncVUA:
 
         A cache is an optimization, so by default an outage of the store (unreachable,
         5xx after retries, slower than ``timeout`` seconds per query) makes
-        ``get_closest``/``lookup`` a miss, with one warning per outage. ``strict=True``
-        raises :class:`~vua_s3.errors.StoreUnavailableError` instead. Configuration
-        errors (access denied, missing bucket, bad settings) always raise.
+        ``get_closest``/``lookup`` a miss, with one warning per outage; an outage part-way
+        through a prefix gives the groups loaded before it. ``strict=True`` raises
+        :class:`~vua_s3.errors.StoreUnavailableError` instead. Configuration errors (access
+        denied, missing bucket, bad settings) always raise.
 
         ``probe_waves`` bounds the waves of concurrent HEADs (round trips) with which
         ``lookup`` and ``put`` find the end of the stored prefix: more waves, fewer
@@ -364,8 +374,8 @@ class AsyncVUA:
         """The longest stored prefix of ``tokens`` loaded onto ``device``, or ``None``.
 
         A list of 1-D tensors gives a list of results. Tokens are trimmed to the split
-        factor first. A fragment that is corrupt, truncated or does not hold the query's
-        tokens ends the prefix there (logged), so wrong KV is never returned.
+        factor first. A fragment that is corrupt, truncated, unreadable or does not hold the
+        query's tokens ends the prefix there (logged), so wrong KV is never returned.
         """
         if isinstance(tokens, torch.Tensor):
             return await self._guarded("get_closest", self._get_one(tokens, torch.device(device), salt), None)
@@ -375,32 +385,42 @@ class AsyncVUA:
             *(self._guarded("get_closest", self._get_one(t, torch.device(device), salt), None) for t in tokens)
         )
 
-    async def _guarded(self, verb: str, work: Awaitable[_T], miss: _T) -> _T:
+    async def _guarded(self, verb: str, work: Awaitable[_T | _Interrupted[_T]], miss: _T) -> _T:
         """``work`` bounded by the timeout; an outage is ``miss`` (or raises when strict).
 
         Only :class:`StoreUnavailableError` and the timeout count as an outage; every
-        other error (access denied, missing bucket, bad input) propagates.
+        other error (access denied, missing bucket, bad input) propagates. Work cut short
+        by an outage gives what it had verified before it, and the outage is reported.
         """
         try:
             result = await asyncio.wait_for(work, self._timeout)
         except (StoreUnavailableError, asyncio.TimeoutError) as exc:  # distinct classes on Python 3.10
-            reason = str(exc) or f"{verb} took longer than timeout={self._timeout}s"
-            if self._strict:
-                if isinstance(exc, StoreUnavailableError):
-                    raise
-                raise StoreUnavailableError(f"{verb} on {self._store.url}: {reason}") from None
-            if self._outage is None:
-                log.warning(
-                    "store %s is unavailable, serving cache misses until it answers again: %s", self._store.url, reason
-                )
-            self._outage = reason
+            self._outage_began(verb, exc)
             return miss
+        if isinstance(result, _Interrupted):
+            self._outage_began(verb, result.outage)
+            return result.partial
         if self._outage is not None:
             log.info("store %s answers again; cache hits resume", self._store.url)
             self._outage = None
         return result
 
-    async def _get_one(self, tokens: torch.Tensor, device: torch.device, salt: str | None) -> ClosestKV | None:
+    def _outage_began(self, verb: str, exc: StoreUnavailableError | asyncio.TimeoutError) -> None:
+        """Raise when strict; otherwise warn once per outage."""
+        reason = str(exc) or f"{verb} took longer than timeout={self._timeout}s"
+        if self._strict:
+            if isinstance(exc, StoreUnavailableError):
+                raise exc
+            raise StoreUnavailableError(f"{verb} on {self._store.url}: {reason}") from None
+        if self._outage is None:
+            log.warning(
+                "store %s is unavailable, serving cache misses until it answers again: %s", self._store.url, reason
+            )
+        self._outage = reason
+
+    async def _get_one(
+        self, tokens: torch.Tensor, device: torch.device, salt: str | None
+    ) -> ClosestKV | _Interrupted[ClosestKV | None] | None:
         trimmed = self._trim(tokens)
         if trimmed is None:
             return None
@@ -410,14 +430,45 @@ class AsyncVUA:
         if not hits:
             return None
         assembly = _Assembly(len(hits), self._config.split_factor, device)
-        loaded = await gather_or_cancel(
-            *(self._load(group, info, ids, assembly) for group, info in zip(groups, hits, strict=False))
+        usable, outage = await self._load_prefix(
+            [self._load(group, info, ids, assembly) for group, info in zip(groups, hits, strict=False)]
         )
-        usable = next((i for i, ok in enumerate(loaded) if not ok), len(loaded))
-        if not usable:
-            return None
-        data = await asyncio.to_thread(assembly.result, usable)
-        return ClosestKV(tokens=trimmed[: usable * self._config.split_factor].to(device), data=data)
+        result = None
+        if usable:
+            data = await asyncio.to_thread(assembly.result, usable)
+            result = ClosestKV(tokens=trimmed[: usable * self._config.split_factor].to(device), data=data)
+        return result if outage is None else _Interrupted(result, outage)
+
+    async def _load_prefix(self, loads: list[Coroutine[Any, Any, bool]]) -> tuple[int, StoreUnavailableError | None]:
+        """Run one load per group; how many leading groups loaded, and the outage that ended
+        them if one did. A group that fails with an outage ends the prefix there: the loads
+        after it are cancelled, the ones before it finish. So does a refused group after the
+        first (that object is unreadable to us; the credentials work); a refused first group
+        and any other error cancel all and raise."""
+        tasks = [asyncio.ensure_future(load) for load in loads]
+        end, outage = len(tasks), None
+        try:
+            pending = set(tasks)
+            while pending:
+                done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_EXCEPTION)
+                for task in done:
+                    exc = None if task.cancelled() else task.exception()
+                    number = tasks.index(task)
+                    if exc is None or number >= end:
+                        continue
+                    if isinstance(exc, AccessDeniedError) and number:
+                        log.warning("fragment %d is refused, the prefix ends there: %s", number, exc)
+                    elif not isinstance(exc, StoreUnavailableError):
+                        raise exc
+                    end, outage = number, exc if isinstance(exc, StoreUnavailableError) else None
+                    for later in tasks[number + 1 :]:
+                        later.cancel()
+        finally:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+        loaded = [task.result() for task in tasks[:end]]
+        return next((i for i, ok in enumerate(loaded) if not ok), end), outage
 
     async def _load(self, group: _Group, info: ObjectInfo, ids: torch.Tensor, assembly: _Assembly) -> bool:
         """Fetch, check and place one fragment; ``False`` (logged) if it cannot be used."""

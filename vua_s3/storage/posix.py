@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import builtins
+import contextlib
+import errno
 import os
-import tempfile
+import secrets
+import stat
 from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 from urllib.parse import unquote, urlsplit
@@ -22,13 +25,16 @@ from .base import Buffer, ObjectInfo, Store
 
 FILE_MODE = 0o640
 DIR_MODE = 0o750
+TEMP_PREFIX = ".tmp-"
+"""Names of files being written (renamed into place when complete)."""
 
 
 class PosixStore(Store):
     """Fragments as files under ``root``, written atomically (temp file, fsync, rename).
 
     Blocking file calls run in worker threads so the event loop keeps probing and
-    transferring while the kernel copies data.
+    transferring while the kernel copies data. Symbolic links inside the root are never
+    followed: a linked file is not an object, and a linked directory is refused.
     """
 
     def __init__(self, root: str | os.PathLike[str], *, create: bool = True) -> None:
@@ -61,11 +67,11 @@ class PosixStore(Store):
         return self.root / key
 
     async def get(self, key: str, size: int | None = None) -> bytearray:
-        return await asyncio.to_thread(self._read, self._path(key))
+        return await asyncio.to_thread(self._read, key, self._path(key))
 
-    def _read(self, path: Path) -> bytearray:
+    def _read(self, key: str, path: Path) -> bytearray:
         try:
-            with open(path, "rb", buffering=0) as file:
+            with open(_open_nofollow(self.root, key, os.O_RDONLY), "rb", buffering=0) as file:
                 size = os.fstat(file.fileno()).st_size
                 buf = bytearray(size)
                 view = memoryview(buf)
@@ -81,26 +87,32 @@ class PosixStore(Store):
         except PermissionError as exc:
             raise AccessDeniedError(f"reading {path}: {exc.strerror}") from None
         except OSError as exc:
+            if exc.errno == errno.ELOOP:
+                raise ObjectNotFoundError(f"{path}: {exc.strerror}") from None
             raise StoreUnavailableError(f"reading {path}: {exc}") from exc
 
     async def put(self, key: str, data: Buffer) -> None:
-        await asyncio.to_thread(self._write, self._path(key), data)
+        await asyncio.to_thread(self._write, key, self._path(key), data)
 
-    def _write(self, path: Path, data: Buffer) -> None:
+    def _write(self, key: str, path: Path, data: Buffer) -> None:
         try:
-            _make_dirs(path.parent)
-            fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=path.parent)
+            parent = _open_parent(self.root, key, create=True)
             try:
-                os.fchmod(fd, FILE_MODE)
-                with open(fd, "wb", buffering=0) as file:
-                    view = memoryview(data)
-                    while view:
-                        view = view[file.write(view) :]
-                    os.fsync(file.fileno())
-                os.replace(tmp, path)
-            except BaseException:
-                os.unlink(tmp)
-                raise
+                tmp = TEMP_PREFIX + secrets.token_hex(8)
+                fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _NOFOLLOW, FILE_MODE, dir_fd=parent)
+                try:
+                    os.fchmod(fd, FILE_MODE)
+                    with open(fd, "wb", buffering=0) as file:
+                        view = memoryview(data)
+                        while view:
+                            view = view[file.write(view) :]
+                        os.fsync(file.fileno())
+                    os.replace(tmp, path.name, src_dir_fd=parent, dst_dir_fd=parent)
+                except BaseException:
+                    os.unlink(tmp, dir_fd=parent)
+                    raise
+            finally:
+                os.close(parent)
         except PermissionError as exc:
             raise AccessDeniedError(f"writing {path}: {exc.strerror}") from None
         except OSError as exc:
@@ -112,23 +124,47 @@ class PosixStore(Store):
 
     def _stat(self, key: str, path: Path) -> ObjectInfo | None:
         try:
-            st = path.stat()
+            parent = _open_parent(self.root, key)
+            try:
+                st = os.stat(path.name, dir_fd=parent, follow_symlinks=False)
+            finally:
+                os.close(parent)
+            if stat.S_ISLNK(st.st_mode):
+                return None
         except FileNotFoundError:
             return None
         except PermissionError as exc:
             raise AccessDeniedError(f"checking {path}: {exc.strerror}") from None
         except OSError as exc:
+            if exc.errno == errno.ELOOP:
+                return None
             raise StoreUnavailableError(f"checking {path}: {exc}") from exc
         return ObjectInfo(key=key, size=st.st_size, last_modified=st.st_mtime)
 
     async def delete(self, key: str) -> None:
         path = self._path(key)
         try:
-            await asyncio.to_thread(path.unlink, missing_ok=True)
+            await asyncio.to_thread(self._unlink, key, path)
         except PermissionError as exc:
             raise AccessDeniedError(f"deleting {path}: {exc.strerror}") from None
         except OSError as exc:
             raise StoreError(f"deleting {path}: {exc}") from exc
+
+    def _unlink(self, key: str, path: Path) -> None:
+        try:
+            parent = _open_parent(self.root, key)
+        except FileNotFoundError:
+            return
+        except OSError as exc:
+            if exc.errno == errno.ELOOP:
+                return  # no object there: the key's directory is a link
+            raise
+        try:
+            os.unlink(path.name, dir_fd=parent)
+        except FileNotFoundError:
+            pass
+        finally:
+            os.close(parent)
 
     async def list(self, prefix: str = "") -> AsyncIterator[ObjectInfo]:
         infos = await asyncio.to_thread(self._walk, prefix)
@@ -139,17 +175,79 @@ class PosixStore(Store):
         found = []
         for dirpath, _dirs, files in os.walk(self.root, onerror=_raise_walk_error):
             for name in files:
-                if name.startswith(".tmp-"):
+                if name.startswith(TEMP_PREFIX):
                     continue
                 path = os.path.join(dirpath, name)
                 key = os.path.relpath(path, self.root).replace(os.sep, "/")
                 if key.startswith(prefix):
                     try:
-                        st = os.stat(path)
+                        st = os.lstat(path)
                     except FileNotFoundError:
+                        continue
+                    if stat.S_ISLNK(st.st_mode):
                         continue
                     found.append(ObjectInfo(key=key, size=st.st_size, last_modified=st.st_mtime))
         return found
+
+    async def abort_incomplete(self, prefix: str, started_before: float, *, dry_run: bool = False) -> int:
+        """Remove temporary files under ``prefix`` last written before ``started_before``: left
+        by writers that crashed between creating and renaming them."""
+        return await asyncio.to_thread(self._remove_temporaries, prefix, started_before, dry_run)
+
+    def _remove_temporaries(self, prefix: str, started_before: float, dry_run: bool) -> int:
+        removed = 0
+        for dirpath, _dirs, files, dirfd in os.fwalk(self.root):  # never follows links
+            for name in files:
+                key = os.path.relpath(os.path.join(dirpath, name), self.root).replace(os.sep, "/")
+                if not name.startswith(TEMP_PREFIX) or not key.startswith(prefix):
+                    continue
+                try:
+                    st = os.stat(name, dir_fd=dirfd, follow_symlinks=False)
+                    if not stat.S_ISREG(st.st_mode) or st.st_mtime >= started_before:
+                        continue
+                    if not dry_run:
+                        os.unlink(name, dir_fd=dirfd)
+                except FileNotFoundError:
+                    continue  # renamed into place or removed meanwhile
+                removed += 1
+        return removed
+
+
+_NOFOLLOW = os.O_NOFOLLOW | os.O_CLOEXEC
+
+
+def _open_parent(root: Path, key: str, *, create: bool = False) -> int:
+    """A descriptor of ``key``'s directory, reached from ``root`` one component at a time
+    without following symbolic links: a link planted inside the root cannot send a read or a
+    write outside it, whatever is swapped in meanwhile. ``create`` makes missing directories
+    (mode DIR_MODE). A link in the way raises ``OSError(ELOOP)``."""
+    fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        for part in key.split("/")[:-1]:
+            if create:
+                with contextlib.suppress(FileExistsError):
+                    os.mkdir(part, DIR_MODE, dir_fd=fd)
+            try:
+                child = os.open(part, os.O_RDONLY | os.O_DIRECTORY | _NOFOLLOW, dir_fd=fd)
+            except NotADirectoryError:
+                if stat.S_ISLNK(os.stat(part, dir_fd=fd, follow_symlinks=False).st_mode):
+                    raise OSError(errno.ELOOP, f"{part!r} is a symbolic link, not followed inside the store") from None
+                raise
+            os.close(fd)
+            fd = child
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def _open_nofollow(root: Path, key: str, flags: int) -> int:
+    """``key``'s file opened with ``flags``, no symbolic link followed on the way (ELOOP)."""
+    parent = _open_parent(root, key)
+    try:
+        return os.open(key.rsplit("/", 1)[-1], flags | _NOFOLLOW, dir_fd=parent)
+    finally:
+        os.close(parent)
 
 
 def _raise_walk_error(exc: OSError) -> None:
@@ -158,14 +256,3 @@ def _raise_walk_error(exc: OSError) -> None:
         raise AccessDeniedError(f"listing {exc.filename}: {exc.strerror}") from None
     if not isinstance(exc, FileNotFoundError):  # removed while walking: nothing to list there
         raise StoreUnavailableError(f"listing {exc.filename}: {exc}") from exc
-
-
-def _make_dirs(path: Path) -> None:
-    """``mkdir -p`` where every new directory gets DIR_MODE: ``Path.mkdir(parents=True)``
-    gives the parents the umask's default, world-writable under ``umask 0``."""
-    missing = []
-    while not path.is_dir():
-        missing.append(path)
-        path = path.parent
-    for directory in reversed(missing):
-        directory.mkdir(mode=DIR_MODE, exist_ok=True)

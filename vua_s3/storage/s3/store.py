@@ -257,15 +257,18 @@ class S3Store(Store):
                 ),
             )
         except BaseException:
-            # Shielded so a cancelled put still removes its parts from the server.
-            with contextlib.suppress(Exception):
-                await asyncio.shield(
-                    self._call(
-                        "abort_multipart_upload",
-                        key,
-                        lambda c: c.abort_multipart_upload(Bucket=self.bucket, Key=name, UploadId=upload_id),
-                    )
+            # Shielded so a cancelled put still removes its parts from the server. The abort
+            # then runs on alone: its failure is retrieved here (gc removes what it left).
+            abort = asyncio.ensure_future(
+                self._call(
+                    "abort_multipart_upload",
+                    key,
+                    lambda c: c.abort_multipart_upload(Bucket=self.bucket, Key=name, UploadId=upload_id),
                 )
+            )
+            abort.add_done_callback(lambda task: task.cancelled() or task.exception())
+            with contextlib.suppress(Exception):
+                await asyncio.shield(abort)
             raise
 
     async def _upload_part(
