@@ -192,3 +192,25 @@ def test_objects_of_a_group_have_one_size(location: str) -> None:
             if info
         }
     assert len(sizes) == 1
+
+
+def test_tools_show_and_expire_format_1_objects(tmp_path, capsys) -> None:  # type: ignore[no-untyped-def]
+    from vua_s3.cli.main import main
+
+    with VUA(CFG, tmp_path) as vua:
+        vua.put(TOKENS, random_kvcache(layers=1, seq_len=64, heads=2, head_dim=4))
+        v1_key = f"{CFG.namespace}/ab/{'ab' * 32}.safetensors"
+        asyncio.run(vua.store.put(v1_key, b"a format 1 object"))
+    assert main(["stats", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    row = next(line.split() for line in out.splitlines() if line.startswith("heads "))
+    assert row[1:4] == ["9", "4", "1"]  # objects, groups, format-1 objects
+    assert "1 objects of format 1 are never read; gc expires them by age" in out
+    assert main(["ls", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "heads/\t9 objects\t4 groups" in out and "1 of format 1 (never read)" in out
+    assert main(["ls", str(tmp_path), "heads"]) == 0
+    kinds = sorted(line.split()[3] for line in capsys.readouterr().out.splitlines())
+    assert kinds == ["h0"] * 4 + ["h1"] * 4 + ["v1"]
+    assert main(["gc", str(tmp_path), "--older-than", "0s"]) == 0
+    assert "deleted 9 of 9 objects" in capsys.readouterr().out

@@ -45,7 +45,18 @@ def test_doctor_passes_against_moto_and_cleans_up(moto_server, capsys) -> None: 
     assert main(["doctor", moto_server.url(prefix)]) == 0
     out = capsys.readouterr().out
     print(out)
-    for name in ("credentials", "bucket", "put", "head", "get", "ranged get", "multipart", "checksums", "delete"):
+    for name in (
+        "credentials",
+        "bucket",
+        "put",
+        "head",
+        "get",
+        "ranged get",
+        "multipart",
+        "checksums",
+        "delete",
+        "fragments",
+    ):
         assert any(line.startswith(name + " ") and f"  {PASS} " in line for line in out.splitlines()), name
     assert "conditional put" in out
     assert asyncio.run(listing(moto_server.url(prefix))) == {}  # scratch objects removed
@@ -105,6 +116,7 @@ def test_doctor_on_posix(tmp_path, capsys) -> None:  # type: ignore[no-untyped-d
     assert main(["doctor", str(tmp_path)]) == 0
     out = capsys.readouterr().out
     assert "mode 640" in out
+    assert "format 2: 2 objects (one per KV head), round trip" in out
     assert list(tmp_path.iterdir()) == []
 
 
@@ -134,15 +146,15 @@ def test_gc_deletes_only_old_fragments(location: str) -> None:
     _fill(location)
     before = asyncio.run(listing(location))
     fresh = asyncio.run(gc(location, older_than=3600))
-    assert (fresh.scanned, fresh.expired, fresh.deleted) == (10, 0, 0)
+    assert (fresh.scanned, fresh.expired, fresh.deleted) == (18, 0, 0)  # 2 x 4 groups x 2 KV heads, 2 others
     assert asyncio.run(listing(location)) == before
 
     dry = asyncio.run(gc(location, older_than=3600, now=time.time() + 7200, dry_run=True))
-    assert (dry.deleted, dry.skipped_foreign, dry.dry_run) == (8, 2, True)
+    assert (dry.deleted, dry.skipped_foreign, dry.dry_run) == (16, 2, True)
     assert asyncio.run(listing(location)) == before
 
     report = asyncio.run(gc(location, older_than=3600, namespace="model-a", now=time.time() + 7200))
-    assert (report.scanned, report.deleted, report.skipped_foreign) == (5, 4, 1)
+    assert (report.scanned, report.deleted, report.skipped_foreign) == (9, 8, 1)
     assert report.bytes_freed == sum(size for key, size in before.items() if key.endswith(".safetensors")) // 2
     after = asyncio.run(listing(location))
     assert sorted(after) == sorted(k for k in before if not k.startswith("model-a/") or k.endswith(".txt"))
@@ -168,17 +180,17 @@ def test_gc_keeps_a_fragment_rewritten_while_it_runs(tmp_path) -> None:  # type:
 
     store: Store = RacingStore(tmp_path)
     report = asyncio.run(gc(store, older_than=86400))
-    assert (report.expired, report.deleted) == (8, 7)
+    assert (report.expired, report.deleted) == (16, 15)
     assert (tmp_path / rewritten).exists()
 
 
 def test_gc_cli_summary_and_flags(tmp_path, capsys) -> None:  # type: ignore[no-untyped-def]
     _fill(str(tmp_path))
     assert main(["gc", str(tmp_path), "--older-than", "7d", "--dry-run"]) == 0
-    assert "would delete 0 of 10 objects" in capsys.readouterr().out
+    assert "would delete 0 of 18 objects" in capsys.readouterr().out
     assert main(["gc", str(tmp_path), "--older-than", "0s", "--namespace", "model-b"]) == 0
     out = capsys.readouterr().out
-    assert "deleted 4 of 4 objects" in out and "aborted 0 stale multipart uploads" in out
+    assert "deleted 8 of 8 objects" in out and "aborted 0 stale multipart uploads" in out
     for bad in (["--older-than", "7 days"], ["--older-than", "-1d"], ["--older-than", "1d", "--namespace", "a/b"], []):
         with pytest.raises(SystemExit) as exit_info:
             main(["gc", str(tmp_path), *bad])
@@ -199,8 +211,8 @@ def test_stats_counts_objects_and_bytes_per_namespace(location: str, capsys) -> 
     assert main(["stats", location]) == 0
     out = capsys.readouterr().out.splitlines()
     row = next(line.split() for line in out if line.startswith("model-b "))
-    assert row[1] == "4"
+    assert row[1:4] == ["8", "4", "0"]  # objects (4 groups x 2 KV heads), groups, format-1 objects
     assert main(["ls", location, "model-b"]) == 0
     listed = capsys.readouterr().out.splitlines()
-    assert len(listed) == 4
+    assert len(listed) == 8
     assert sum(int(line.split()[2]) for line in listed) == sum(v for k, v in sizes.items() if k.startswith("model-b/"))
