@@ -163,7 +163,7 @@ def group_keys(
 ) -> list[str]:
     """The keys of an already validated token sequence, group by group: every head's with
     ``kv_heads``, else the one probed for each group (its head 0)."""
-    heads = HeadRange(0, 1, 1) if kv_heads is None else HeadRange.all(kv_heads)
-    return [
-        key for d in group_digests(ids, split_factor, namespace, salt) for key in fragment_keys(namespace, d, heads)
-    ]
+    digests = group_digests(ids, split_factor, namespace, salt)
+    if kv_heads is None:
+        return [fragment_key(namespace, d, 0) for d in digests]
+    return [key for d in digests for key in fragment_keys(namespace, d, HeadRange.all(kv_heads))]
