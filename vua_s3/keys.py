@@ -39,7 +39,7 @@ _NAMESPACE_CHARS = "A-Za-z0-9._=+-"
 _NAMESPACE = rf"[A-Za-z0-9][{_NAMESPACE_CHARS}]{{0,127}}"
 _NAMESPACE_RE = re.compile(rf"^{_NAMESPACE}$")
 _FRAGMENT_KEY_RE = re.compile(
-    rf"^(?P<namespace>{_NAMESPACE})/(?P<fan>[0-9a-f]{{2}})/(?P<digest>[0-9a-f]{{64}})"
+    rf"^{_NAMESPACE}/(?P<fan>[0-9a-f]{{2}})/(?P<digest>[0-9a-f]{{64}})"
     rf"(?:\.h(?P<head>0|[1-9][0-9]{{0,5}}))?{re.escape(FRAGMENT_SUFFIX)}$"
 )
 _NOT_NAMESPACE_RE = re.compile(rf"[^{_NAMESPACE_CHARS}]+")
@@ -71,9 +71,8 @@ def is_fragment_key(key: str) -> bool:
 
 @dataclass(frozen=True)
 class KeyInfo:
-    """What a fragment key says about its object."""
+    """What a fragment key says about its object (the namespace is the key's first part)."""
 
-    namespace: str
     digest: str
     head: int | None
     """``None`` for a format 1 key (one object held every head)."""
@@ -89,7 +88,7 @@ def parse_key(key: str) -> KeyInfo | None:
     if match is None or match["fan"] != match["digest"][:2]:
         return None
     head = match["head"]
-    return KeyInfo(match["namespace"], match["digest"], None if head is None else int(head))
+    return KeyInfo(match["digest"], None if head is None else int(head))
 
 
 def one_sequence(tokens: torch.Tensor) -> torch.Tensor:
