@@ -42,7 +42,7 @@ from vua_s3 import VUA, VUAConfig
 
 CFG = VUAConfig(split_factor=4, namespace="fuzz")
 GROUPS = 3
-LAYERS, HEADS, HEAD_DIM = 2, 3, 4
+LAYERS, HEADS, HEAD_DIM = 2, 1, 4  # one KV head: one object per group (format 2)
 DTYPE = torch.bfloat16
 TOKENS = torch.arange(GROUPS * CFG.split_factor, dtype=torch.int64) * 7919 + 11
 DTYPE_NAMES = ["F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2", "I64", "I32", "I16", "I8", "U8", "BOOL", "X", ""]

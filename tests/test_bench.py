@@ -43,7 +43,7 @@ def test_bench_json_has_every_figure_beside_its_floor(server: str, capsys, reque
     assert vua["put_stored"]["requests"] == {"head_object": 4}
     assert vua["put_stored_cached"]["requests"] == {}
     assert vua["lookup_miss"]["requests"] == {"head_object": 4}
-    assert vua["put_cold"]["requests"] == {"head_object": 4, "put_object": 4}
+    assert vua["put_cold"]["requests"] == {"head_object": 4, "put_object": 8}  # one object per group and KV head
     assert report["checks"] == {
         "put_written": 4,
         "reput_written": 0,

@@ -43,14 +43,16 @@ def test_stats_and_ls(location: str) -> None:
     out = vua_s3("stats", location)
     assert out.returncode == 0, out.stderr
     lines = {line.split()[0]: line.split() for line in out.stdout.splitlines() if line.strip()}
-    assert lines["model-a"][1] == "4" and lines["model-b"][1] == "2" and lines["total"][1] == "6"
+    # two KV heads: two objects per group
+    assert lines["model-a"][1:4] == ["8", "4", "0"] and lines["model-b"][1:3] == ["4", "2"]
+    assert lines["total"][1:3] == ["12", "6"]
 
     out = vua_s3("ls", location)
     assert out.returncode == 0, out.stderr
-    assert "model-a/\t4 objects" in out.stdout and "model-b/\t2 objects" in out.stdout
+    assert "model-a/\t8 objects\t4 groups" in out.stdout and "model-b/\t4 objects\t2 groups" in out.stdout
 
     out = vua_s3("ls", location, "model-b")
-    keys = VUAConfig(split_factor=16, namespace="model-b").tokens_to_paths(tokens[:32])
+    keys = VUAConfig(split_factor=16, namespace="model-b").tokens_to_paths(tokens[:32], kv_heads=2)
     assert sorted(line.split()[-1] for line in out.stdout.splitlines()) == sorted(keys)
 
 

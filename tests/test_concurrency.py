@@ -124,7 +124,7 @@ def verify_store(location: str, stored: list[torch.Tensor]) -> None:
         finally:
             await store.close()
 
-    distinct = {key for tokens in stored for key in CFG.tokens_to_paths(tokens)}
+    distinct = {key for tokens in stored for key in CFG.tokens_to_paths(tokens, kv_heads=HEADS)}
     assert asyncio.run(all_objects()) == len(distinct)
 
 

@@ -49,15 +49,18 @@ def test_cut_covers_exactly_the_range(start: int, end: int) -> None:
 def test_fragment_segments_are_views_of_the_tensors_and_decode_joined() -> None:
     kv = random_kvcache(layers=2, seq_len=64, heads=3, head_dim=8, dtype=torch.bfloat16)
     meta = {"namespace": "n", "split_factor": "16", "group": "1", "digest": "d", "parent": "p"}
-    segments = fragment_format.encode_segments(kv, 0, 16, TOKENS[16:32], meta)
+    # the object of KV head 4 of 6, from a cache holding heads 3, 4, 5 (a tensor-parallel rank)
+    segments = fragment_format.encode_segments(kv, 0, 16, TOKENS[16:32], meta, head=4, kv_heads=6, first_head=3)
     whole = bytearray().join(segments)
-    # header, tokens, then one view per layer x (K, V) x head straight over the caller's memory
-    assert len(segments) == 2 + 2 * 2 * 3
+    assert len(whole) == fragment_format.encoded_size(2, 16, 8, torch.bfloat16, meta, head=4, kv_heads=6)
+    # header, tokens, then one view per layer x (K, V) straight over the caller's memory
+    assert len(segments) == 2 + 2 * 2
     k0 = kv[0][0]
     assert segments[2].obj is not None
-    assert torch.frombuffer(segments[2], dtype=torch.bfloat16).data_ptr() == k0[0, 0, 16].data_ptr()
+    assert torch.frombuffer(segments[2], dtype=torch.bfloat16).data_ptr() == k0[0, 1, 16].data_ptr()
     frag = fragment_format.decode(whole)
-    assert torch.equal(frag.kv[1, 1].view(torch.uint8), kv[1][1][0, :, 16:32].contiguous().view(torch.uint8))
+    assert (frag.head, frag.kv_heads) == (4, 6)
+    assert torch.equal(frag.kv[1, 1].view(torch.uint8), kv[1][1][0, 1:2, 16:32].contiguous().view(torch.uint8))
 
 
 def test_any_kv_layout_round_trips(location: str) -> None:

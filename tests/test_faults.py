@@ -41,8 +41,8 @@ KV = random_kvcache(seq_len=64)
 KEYS = CFG.tokens_to_paths(TOKENS)
 BIG = VUAConfig(split_factor=256)
 BIG_TOKENS = torch.randint(0, 50_000, (256,), generator=torch.Generator().manual_seed(4))
-# One 12 MiB fragment: three 5 MiB multipart parts.
-BIG_KV = random_kvcache(layers=6, seq_len=256, heads=8, head_dim=128, dtype=torch.float32)
+# One 12 MiB object (one KV head): three 5 MiB multipart parts.
+BIG_KV = random_kvcache(layers=48, seq_len=256, heads=1, head_dim=128, dtype=torch.float32)
 FAST = "&max_attempts=1&connect_timeout=1&read_timeout=5"  # tests of retries set their own
 MULTIPART = "&multipart_threshold=5MiB&part_size=5MiB"
 

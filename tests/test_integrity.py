@@ -95,6 +95,8 @@ def test_token_mismatch_is_a_miss(location: str) -> None:
                 "digest": digests[1].hex(),
                 "parent": digests[0].hex(),
             },
+            head=0,
+            kv_heads=2,
         )
     )
     rewrite(vua, keys[1], lambda _: forged)
@@ -147,7 +149,7 @@ def test_fragments_are_readable_by_safetensors(location: str) -> None:
     data = asyncio.run(vua.store.get(keys[1]))
     tensors = load(bytes(data))
     assert torch.equal(tensors["tokens"], TOKENS[16:32])
-    assert tensors["kv"].shape == (2, 2, 2, 16, 8)
-    assert torch.equal(tensors["kv"][1, 0], kv[1][0][0, :, 16:32])
-    assert torch.equal(tensors["kv"][0, 1], kv[0][1][0, :, 16:32])
+    assert tensors["kv"].shape == (2, 2, 1, 16, 8)  # layers, K/V, one KV head (head 0), tokens, head_dim
+    assert torch.equal(tensors["kv"][1, 0], kv[1][0][0, :1, 16:32])
+    assert torch.equal(tensors["kv"][0, 1], kv[0][1][0, :1, 16:32])
     vua.close()

@@ -31,8 +31,8 @@ def test_key_shape_and_prefix_chaining() -> None:
     assert len(keys) == 3
     for key in keys:
         namespace, fan, name = key.split("/")
-        assert namespace == "ns" and name.startswith(fan) and name.endswith(".safetensors")
-        assert len(name) == 64 + len(".safetensors")
+        assert namespace == "ns" and name.startswith(fan) and name.endswith(".h0.safetensors")
+        assert len(name) == 64 + len(".h0.safetensors")
     # A change in group 0 renames every later group too; a change in group 2 only group 2.
     changed_first = torch.arange(12)
     changed_first[0] = 99

@@ -46,7 +46,18 @@ def test_doctor_passes_against_moto_and_cleans_up(moto_server, capsys) -> None: 
     assert main(["doctor", moto_server.url(prefix)]) == 0
     out = capsys.readouterr().out
     print(out)
-    for name in ("credentials", "bucket", "put", "head", "get", "ranged get", "multipart", "checksums", "delete"):
+    for name in (
+        "credentials",
+        "bucket",
+        "put",
+        "head",
+        "get",
+        "ranged get",
+        "multipart",
+        "checksums",
+        "delete",
+        "fragments",
+    ):
         assert any(line.startswith(name + " ") and f"  {PASS} " in line for line in out.splitlines()), name
     assert "conditional put" in out
     assert asyncio.run(listing(moto_server.url(prefix))) == {}  # scratch objects removed
@@ -106,6 +117,7 @@ def test_doctor_on_posix(tmp_path, capsys) -> None:  # type: ignore[no-untyped-d
     assert main(["doctor", str(tmp_path)]) == 0
     out = capsys.readouterr().out
     assert "mode 640" in out
+    assert "format 2: 2 objects (one per KV head), round trip" in out
     assert list(tmp_path.iterdir()) == []
 
 
@@ -135,15 +147,15 @@ def test_gc_deletes_only_old_fragments(location: str) -> None:
     _fill(location)
     before = asyncio.run(listing(location))
     fresh = asyncio.run(gc(location, older_than=3600))
-    assert (fresh.scanned, fresh.expired, fresh.deleted) == (10, 0, 0)
+    assert (fresh.scanned, fresh.expired, fresh.deleted) == (18, 0, 0)  # 2 x 4 groups x 2 KV heads, 2 others
     assert asyncio.run(listing(location)) == before
 
     dry = asyncio.run(gc(location, older_than=3600, now=time.time() + 7200, dry_run=True))
-    assert (dry.deleted, dry.skipped_foreign, dry.dry_run) == (8, 2, True)
+    assert (dry.deleted, dry.skipped_foreign, dry.dry_run) == (16, 2, True)
     assert asyncio.run(listing(location)) == before
 
     report = asyncio.run(gc(location, older_than=3600, namespace="model-a", now=time.time() + 7200))
-    assert (report.scanned, report.deleted, report.skipped_foreign) == (5, 4, 1)
+    assert (report.scanned, report.deleted, report.skipped_foreign) == (9, 8, 1)
     assert report.bytes_freed == sum(size for key, size in before.items() if key.endswith(".safetensors")) // 2
     after = asyncio.run(listing(location))
     assert sorted(after) == sorted(k for k in before if not k.startswith("model-a/") or k.endswith(".txt"))
@@ -169,20 +181,20 @@ def test_gc_keeps_a_fragment_rewritten_while_it_runs(tmp_path) -> None:  # type:
 
     store: Store = RacingStore(tmp_path)
     report = asyncio.run(gc(store, older_than=86400))
-    assert (report.expired, report.deleted) == (8, 7)
+    assert (report.expired, report.deleted) == (16, 15)
     assert (tmp_path / rewritten).exists()
 
 
 def test_gc_cli_summary_and_flags(tmp_path, capsys) -> None:  # type: ignore[no-untyped-def]
     _fill(str(tmp_path))
     assert main(["gc", str(tmp_path), "--older-than", "7d", "--dry-run"]) == 0
-    assert "would delete 0 of 10 objects" in capsys.readouterr().out
+    assert "would delete 0 of 18 objects" in capsys.readouterr().out
     assert main(["gc", str(tmp_path), "--older-than", "0s", "--namespace", "model-b"]) == 0
     out = capsys.readouterr().out
-    assert "deleted 4 of 4 objects" in out and "removed 0 stale incomplete writes" in out
+    assert "deleted 8 of 8 objects" in out and "removed 0 stale incomplete writes" in out
     assert main(["gc", str(tmp_path), "--max-bytes", "6KiB", "--per-namespace"]) == 0
     out = capsys.readouterr().out
-    assert "deleted 2 of 6 objects" in out and "2 of them over the byte cap" in out, out
+    assert "deleted 5 of 10 objects" in out and "5 of them over the byte cap" in out, out
     bad_flags = (
         ["--older-than", "7 days"],
         ["--older-than", "-1d"],
@@ -212,7 +224,7 @@ def test_gc_max_bytes_deletes_least_recently_written_first(tmp_path: Path) -> No
     with VUA(CFG, tmp_path) as a, VUA(OTHER, tmp_path) as b:
         for vua in (a, b):
             for prompt in prompts:
-                vua.put(prompt, random_kvcache(seq_len=64))
+                vua.put(prompt, random_kvcache(seq_len=64, heads=1))  # one object per group
     ages = {}
     for i, prompt in enumerate(prompts):
         for j, cfg in enumerate((CFG, OTHER)):
@@ -253,7 +265,7 @@ def test_gc_max_bytes_on_s3(location: str) -> None:
     fragments = {k: v for k, v in before.items() if k.endswith(".safetensors")}
     cap = sum(fragments.values()) // 2
     report = asyncio.run(gc(location, max_bytes=cap))
-    assert report.deleted == 4 and report.bytes_kept <= cap
+    assert report.deleted == 8 and report.bytes_kept <= cap  # 4 groups x 2 KV heads
     after = asyncio.run(listing(location))
     assert sum(v for k, v in after.items() if k.endswith(".safetensors")) == report.bytes_kept
     assert {k for k in before if not k.endswith(".safetensors")} <= set(after)  # foreign objects stay
@@ -273,7 +285,7 @@ def test_gc_max_bytes_keeps_a_fragment_rewritten_while_it_runs(tmp_path: Path) -
             return await super().head_many(keys)
 
     report = asyncio.run(gc(RacingStore(tmp_path), max_bytes=0))
-    assert (report.over_cap, report.deleted) == (8, 7)
+    assert (report.over_cap, report.deleted) == (16, 15)
     assert oldest.exists()
 
 
@@ -314,8 +326,8 @@ def test_stats_counts_objects_and_bytes_per_namespace(location: str, capsys) -> 
     assert main(["stats", location]) == 0
     out = capsys.readouterr().out.splitlines()
     row = next(line.split() for line in out if line.startswith("model-b "))
-    assert row[1] == "4"
+    assert row[1:4] == ["8", "4", "0"]  # objects (4 groups x 2 KV heads), groups, format-1 objects
     assert main(["ls", location, "model-b"]) == 0
     listed = capsys.readouterr().out.splitlines()
-    assert len(listed) == 4
+    assert len(listed) == 8
     assert sum(int(line.split()[2]) for line in listed) == sum(v for k, v in sizes.items() if k.startswith("model-b/"))

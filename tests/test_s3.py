@@ -19,7 +19,7 @@ def test_large_fragment_goes_through_multipart_and_ranged_reads(moto_server, mon
     prefix = unique_prefix()
     url = moto_server.url(prefix) + "&multipart_threshold=5MiB&part_size=5MiB"
     tokens = torch.randint(0, 100_000, (256,))
-    kv = random_kvcache(layers=6, seq_len=256, heads=8, head_dim=128, dtype=torch.float32)  # one 12 MiB fragment
+    kv = random_kvcache(layers=48, seq_len=256, heads=1, head_dim=128, dtype=torch.float32)  # one 12 MiB object
     ranges: list[tuple[int, int | None]] = []
     original_read = S3Store._read
 
@@ -49,7 +49,7 @@ def test_small_fragments_are_single_puts(moto_server) -> None:  # type: ignore[n
     with VUA(VUAConfig(split_factor=16), moto_server.url(prefix)) as vua:
         vua.put(tokens, random_kvcache(seq_len=32))
     objects = moto_server.client().list_objects_v2(Bucket=moto_server.bucket, Prefix=prefix)["Contents"]
-    assert len(objects) == 2
+    assert len(objects) == 4  # 2 groups x 2 KV heads
     assert all("-" not in o["ETag"] for o in objects)
 
 

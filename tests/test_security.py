@@ -203,7 +203,7 @@ def test_sse_settings_reach_the_server(moto_server, proxy, extra, headers, head_
         vua.put(TOKENS, KV)
         assert vua.get_closest(TOKENS) is not None
     puts = [r for r in proxy.requests if r.method == "PUT"]
-    assert len(puts) == 4
+    assert len(puts) == 8  # 4 groups x 2 KV heads
     for request in puts:
         assert {name: request.headers.get(name) for name in headers} == headers
     head = moto_server.client().head_object(Bucket=moto_server.bucket, Key=f"{prefix}/{CFG.tokens_to_paths(TOKENS)[0]}")
@@ -216,7 +216,7 @@ def test_sse_c_key_goes_with_every_data_request(moto_server, proxy, monkeypatch)
     monkeypatch.setenv(SSE_C_KEY_ENV, base64.b64encode(SSE_C_KEY).decode())
     big = VUAConfig(split_factor=256)
     tokens = torch.arange(256)
-    kv = random_kvcache(layers=6, seq_len=256, heads=8, head_dim=128, dtype=torch.float32)
+    kv = random_kvcache(layers=48, seq_len=256, heads=1, head_dim=128, dtype=torch.float32)  # one 12 MiB object
     url = via(moto_server, proxy, unique_prefix(), "&sse=sse-c&multipart_threshold=5MiB&part_size=5MiB")
     with VUA(big, url) as vua:
         vua.put(tokens, kv)
@@ -263,7 +263,7 @@ def test_posix_files_are_private_whatever_the_umask(tmp_path) -> None:  # type: 
     finally:
         os.umask(old)
     files = [p for p in (tmp_path / "cache").rglob("*") if p.is_file()]
-    assert len(files) == 4
+    assert len(files) == 8  # 4 groups x 2 KV heads
     assert {stat.S_IMODE(p.stat().st_mode) for p in files} == {FILE_MODE}
     dirs = [p for p in (tmp_path / "cache").rglob("*") if p.is_dir()]
     assert dirs and all(stat.S_IMODE(p.stat().st_mode) & ~DIR_MODE == 0 for p in dirs)

@@ -21,7 +21,7 @@ from vua_s3.storage.posix import PosixStore
 
 CFG = VUAConfig(split_factor=16)
 TOKENS = torch.arange(48) * 13 + 1
-KV = random_kvcache(seq_len=48)
+KV = random_kvcache(seq_len=48, heads=1)  # one object per group
 KEYS = CFG.tokens_to_paths(TOKENS)
 
 

@@ -152,7 +152,7 @@ def test_models_of_different_shapes_never_cross(moto_server: EmbeddedS3) -> None
     ]
     namespaces = {key.split("/")[1] for key in keys}
     assert namespaces == {a.config().namespace, b.config().namespace}
-    assert len(keys) == 4
+    assert len(keys) == 2 * 2 + 2 * 4  # 2 groups x 2 KV heads (small) + 2 groups x 4 KV heads (wide)
 
 
 def test_namespace_follows_weights_and_dtype() -> None:

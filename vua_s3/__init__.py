@@ -17,6 +17,7 @@ from .errors import (
     StoreUnavailableError,
     VUAError,
 )
+from .shards import HeadRange
 from .storage import ObjectInfo, Store, open_store
 from .vua import VUA, AsyncVUA, ClosestKV
 
@@ -26,6 +27,7 @@ __all__ = [
     "AsyncVUA",
     "ClosestKV",
     "FragmentError",
+    "HeadRange",
     "InvalidKeyError",
     "InvalidLocationError",
     "ObjectInfo",

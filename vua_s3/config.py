@@ -35,8 +35,9 @@ class VUAConfig:
 
     ``split_factor`` is the number of tokens per stored group (the default 256 is a
     multiple of every vLLM block size). ``namespace`` names the model identity (model,
-    revision, dtype, KV layout, tensor-parallel rank): fragments written under one
-    namespace are never returned under another, so models can share a bucket.
+    revision, dtype, KV layout, pipeline stage; not the tensor-parallel size, as each
+    object holds one KV head): fragments written under one namespace are never
+    returned under another, so models can share a bucket.
     """
 
     split_factor: int = 256
@@ -68,9 +69,10 @@ class VUAConfig:
         return tokens[: len(tokens) - len(tokens) % self.split_factor]
 
     @_config_method
-    def tokens_to_paths(self, tokens: torch.Tensor, salt: str | None = None) -> list[str]:
-        """The storage key (relative to the store root) of each group of ``tokens``."""
-        return group_keys(self.namespace, self.split_factor, token_ids(tokens, self.split_factor), salt)
+    def tokens_to_paths(self, tokens: torch.Tensor, salt: str | None = None, kv_heads: int | None = None) -> list[str]:
+        """The storage keys (relative to the store root) of ``tokens``: one per group (the
+        object probed for it), or with ``kv_heads`` every head's, group by group."""
+        return group_keys(self.namespace, self.split_factor, token_ids(tokens, self.split_factor), salt, kv_heads)
 
     # The original VUA spelled it in the singular.
     tokens_to_path = tokens_to_paths

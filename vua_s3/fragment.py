@@ -1,10 +1,19 @@
-"""One stored group: a safetensors file holding a group's tokens and K/V for all layers.
+"""One stored object: a safetensors file holding one KV head of one group, all layers.
 
-Layout (readable by ``safetensors.torch.load``)::
+Layout, format version 2 (readable by ``safetensors.torch.load``)::
 
-    tokens  int64 [S]                     the group's token ids
-    kv      <dtype> [layers, 2, heads, S, head_dim]   K (index 0) and V (index 1)
-    __metadata__: format, version, namespace, split_factor, group, digest, parent, crc32
+    tokens  int64 [S]                               the group's token ids
+    kv      <dtype> [layers, 2, 1, S, head_dim]     K (index 0) and V (index 1) of one KV head
+    __metadata__: format, version, namespace, split_factor, group, digest, parent,
+                  head, kv_heads, crc32
+
+One KV head per object, so a tensor-parallel rank of any size writes and reads exactly
+its heads (``shards.py``). ``head`` and ``kv_heads`` say which head of how many this is
+and are checked on read like the group and digest. The head index is zero-padded to
+the width of the largest, so all objects of a group have one size: a reader that knows
+the layout computes it (:func:`encoded_size`) and one probe's size serves every head.
+Version 1 objects (``kv [layers, 2, heads, S, head_dim]``, every head in one) are
+refused by :func:`decode`.
 
 Encoding gives the header and views of the caller's tensors (sent as they are, no
 serialization copy); decoding returns views into the received buffer. ``crc32``
@@ -27,7 +36,7 @@ import torch
 from .errors import FragmentError
 
 FORMAT = "vua_s3/fragment"
-VERSION = "1"
+VERSION = "2"
 
 _DTYPE_NAMES: dict[torch.dtype, str] = {
     torch.float64: "F64",
@@ -58,7 +67,10 @@ class Fragment:
 
     tokens: torch.Tensor
     kv: torch.Tensor
+    """``[layers, 2, 1, S, head_dim]``."""
     metadata: dict[str, str]
+    head: int
+    kv_heads: int
 
 
 def dtype_name(dtype: torch.dtype) -> str:
@@ -83,20 +95,21 @@ def group_metadata(
 
 
 def check_group(
-    frag: Fragment, namespace: str, split_factor: int, group: int, digest: bytes, tokens: torch.Tensor
+    frag: Fragment, namespace: str, split_factor: int, group: int, digest: bytes, tokens: torch.Tensor, head: int
 ) -> None:
-    """Raise :class:`FragmentError` unless ``frag`` is exactly group ``group`` (digest ``digest``)
-    of ``namespace`` and holds ``tokens``, the query's tokens of that group."""
+    """Raise :class:`FragmentError` unless ``frag`` is exactly KV head ``head`` of group
+    ``group`` (digest ``digest``) of ``namespace`` and holds ``tokens``, the query's tokens
+    of that group."""
     meta = frag.metadata
     expected = group_metadata(namespace, split_factor, group, digest, None)
     del expected["parent"]  # informational: the digest already binds the whole prefix
     for name, value in expected.items():
         if meta.get(name) != value:
             raise FragmentError(f"metadata {name}={meta.get(name)!r}, expected {value!r}")
-    if frag.kv.dim() != 5 or frag.kv.size(1) != 2 or frag.kv.size(3) != split_factor:
-        raise FragmentError(
-            f"kv tensor has shape {list(frag.kv.shape)}, expected [layers, 2, heads, {split_factor}, dim]"
-        )
+    if frag.head != head:
+        raise FragmentError(f"object holds KV head {frag.head}, expected head {head}")
+    if frag.kv.size(3) != split_factor:
+        raise FragmentError(f"kv tensor has shape {list(frag.kv.shape)}, expected [layers, 2, 1, {split_factor}, dim]")
     if not torch.equal(frag.tokens, tokens):
         raise FragmentError("stored tokens differ from the query's tokens")
 
@@ -107,37 +120,70 @@ def encode_segments(
     start: int,
     tokens: torch.Tensor,
     metadata: dict[str, str],
+    *,
+    head: int,
+    kv_heads: int,
+    first_head: int = 0,
 ) -> list[memoryview]:
-    """The fragment of tokens ``[start, start+len(tokens))`` of row ``row``, as the buffers
-    that make up the object in order: the header, then the data as views of the caller's
-    tensors wherever their memory is already laid out as the fragment's (one view per
-    layer, K or V, and head in the usual ``[b, heads, n, head_dim]`` layout), so nothing is
-    copied before the bytes go out. Other layouts and device tensors are staged through
-    one contiguous host copy per layer and K or V. The views are valid while the caller's
-    tensors are unchanged.
+    """The object of KV head ``head`` (of ``kv_heads``) for tokens ``[start, start+len(tokens))``
+    of row ``row``; ``kvcache`` holds heads ``first_head, first_head + 1, ...``.
+
+    Returned as the buffers that make up the object in order: the header, then the data
+    as views of the caller's tensors wherever their memory is already laid out as the
+    fragment's (one view per layer and K or V in the usual ``[b, heads, n, head_dim]``
+    layout), so nothing is copied before the bytes go out. Other layouts and device
+    tensors are staged through one contiguous host copy per layer and K or V. The views
+    are valid while the caller's tensors are unchanged.
     """
     num_tokens = tokens.numel()
     first_key = kvcache[0][0]
-    heads, head_dim, dtype = first_key.size(1), first_key.size(3), first_key.dtype
-    kv_shape = [len(kvcache), 2, heads, num_tokens, head_dim]
-    tokens_bytes = num_tokens * 8
-    kv_bytes = kv_shape[0] * 2 * heads * num_tokens * head_dim * first_key.element_size()
+    local = head - first_head
+    if not 0 <= head < kv_heads or not 0 <= local < first_key.size(1):
+        raise ValueError(
+            f"head {head} of {kv_heads} is not among the {first_key.size(1)} heads held from head {first_head}"
+        )
     end = start + num_tokens
     data = [_bytes(tokens.to("cpu", torch.int64))]
     for keys, values in kvcache:
         for source in (keys, values):
-            data.extend(_views(source[row, :, start:end, :]))
+            data.extend(_views(source[row, local : local + 1, start:end, :]))
     crc = 0
     for segment in data:
         crc = zlib.crc32(segment, crc)
+    layout = (len(kvcache), num_tokens, first_key.size(3), first_key.dtype)
+    header = _header(*layout, {**metadata, **_head_metadata(head, kv_heads), "crc32": f"{crc:08x}"})
+    return [memoryview(header), *data]
+
+
+def encoded_size(
+    layers: int, tokens: int, head_dim: int, dtype: torch.dtype, metadata: dict[str, str], *, head: int, kv_heads: int
+) -> int:
+    """The exact size of the object :func:`encode_segments` makes for this layout and
+    metadata: a reader that knows the layout fetches an object without probing it."""
+    header = _header(layers, tokens, head_dim, dtype, {**metadata, **_head_metadata(head, kv_heads), "crc32": "0" * 8})
+    return len(header) + tokens * 8 + layers * 2 * tokens * head_dim * dtype.itemsize
+
+
+def _head_metadata(head: int, kv_heads: int) -> dict[str, str]:
+    return {"head": f"{head:0{len(str(kv_heads - 1))}d}", "kv_heads": str(kv_heads)}
+
+
+def _header(layers: int, tokens: int, head_dim: int, dtype: torch.dtype, metadata: dict[str, str]) -> bytes:
+    """The length prefix and JSON header of an object (``kv`` is ``[layers, 2, 1, S, head_dim]``)."""
+    tokens_bytes = tokens * 8
+    kv_bytes = layers * 2 * tokens * head_dim * dtype.itemsize
     header = {
-        "tokens": {"dtype": "I64", "shape": [num_tokens], "data_offsets": [0, tokens_bytes]},
-        "kv": {"dtype": dtype_name(dtype), "shape": kv_shape, "data_offsets": [tokens_bytes, tokens_bytes + kv_bytes]},
-        "__metadata__": {**metadata, "format": FORMAT, "version": VERSION, "crc32": f"{crc:08x}"},
+        "tokens": {"dtype": "I64", "shape": [tokens], "data_offsets": [0, tokens_bytes]},
+        "kv": {
+            "dtype": dtype_name(dtype),
+            "shape": [layers, 2, 1, tokens, head_dim],
+            "data_offsets": [tokens_bytes, tokens_bytes + kv_bytes],
+        },
+        "__metadata__": {**metadata, "format": FORMAT, "version": VERSION},
     }
     header_bytes = json.dumps(header, separators=(",", ":")).encode()
     header_bytes += b" " * (-len(header_bytes) % _HEADER_ALIGN)
-    return [memoryview(struct.pack("<Q", len(header_bytes)) + header_bytes), *data]
+    return struct.pack("<Q", len(header_bytes)) + header_bytes
 
 
 def _bytes(tensor: torch.Tensor) -> memoryview:
@@ -196,7 +242,14 @@ def decode(buf: bytearray | memoryview) -> Fragment:
         name: torch.frombuffer(buf, dtype=dtype, offset=data_start + begin, count=math.prod(shape)).view(shape)
         for name, (dtype, shape, begin) in entries.items()
     }
-    return Fragment(tokens=tensors["tokens"], kv=tensors["kv"], metadata=metadata)
+    kv = tensors["kv"]
+    try:
+        head, kv_heads = int(metadata["head"]), int(metadata["kv_heads"])
+    except (KeyError, ValueError) as exc:
+        raise FragmentError(f"metadata has no usable head/kv_heads ({exc!r})") from None
+    if not 0 <= head < kv_heads or kv.dim() != 5 or kv.size(1) != 2 or kv.size(2) != 1:
+        raise FragmentError(f"head {head} of {kv_heads} with kv shape {list(kv.shape)}: not one KV head")
+    return Fragment(tokens=tensors["tokens"], kv=kv, metadata=metadata, head=head, kv_heads=kv_heads)
 
 
 def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:

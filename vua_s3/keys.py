@@ -1,16 +1,23 @@
-"""The key layout: how a token prefix becomes an object name.
+"""The key layout (format version 2): how a token prefix and a KV head become an object name.
 
-Every group of ``split_factor`` tokens is stored as one object whose name is a
-digest chained over everything before it::
+Every group of ``split_factor`` tokens is named by a digest chained over everything
+before it, and each of its KV heads is one object::
 
-    root   = sha256(b"vua-s3/1\\0" + namespace + b"\\0" + salt)
-    d[i]   = sha256(d[i-1] + tokens[i*S:(i+1)*S] as int64 little-endian)
-    key[i] = "<namespace>/<hex(d[i])[:2]>/<hex(d[i])>.safetensors"
+    root      = sha256(b"vua-s3/1\\0" + namespace + b"\\0" + salt)
+    d[i]      = sha256(d[i-1] + tokens[i*S:(i+1)*S] as int64 little-endian)
+    key[i, h] = "<namespace>/<hex(d[i])[:2]>/<hex(d[i])>.h<h>.safetensors"
 
 so a key names a whole prefix: two prompts share group ``i`` only if they agree on
-all tokens up to its end. Keys are relative to the store's root (an S3 bucket
-prefix or a directory); the two-character fan-out keeps POSIX directories small.
-The digest never uses Python's ``hash()``, so keys agree across processes and hosts.
+all tokens up to its end. One object per KV head makes the objects independent of the
+tensor-parallel size: a rank writes the heads it holds and reads the heads it needs,
+whatever the TP size of the writer (``shards.py``; the README has the request and byte
+counts that chose this layout). Keys are relative to the store's root (an S3 bucket
+prefix or a directory); the two-character fan-out keeps POSIX directories small. The
+digest never uses Python's ``hash()``, so keys agree across processes and hosts.
+
+The chain is the one of version 1, whose keys had no ``.h<h>`` part (one object held
+every head): such objects are never read, since no query asks for their keys; the
+tools recognise them (:func:`parse_key`) so they can be listed and expired.
 """
 
 from __future__ import annotations
@@ -18,18 +25,23 @@ from __future__ import annotations
 import hashlib
 import re
 import sys
+from dataclasses import dataclass
 
 import torch
 
 from .errors import SplitFactorError
+from .shards import HeadRange
 
-LAYOUT_VERSION = 1
+LAYOUT_VERSION = 2
 FRAGMENT_SUFFIX = ".safetensors"
-_ROOT_TAG = f"vua-s3/{LAYOUT_VERSION}\0".encode()
+_ROOT_TAG = b"vua-s3/1\0"  # the chain of version 1, kept: version 2 changed what an object holds
 _NAMESPACE_CHARS = "A-Za-z0-9._=+-"
 _NAMESPACE = rf"[A-Za-z0-9][{_NAMESPACE_CHARS}]{{0,127}}"
 _NAMESPACE_RE = re.compile(rf"^{_NAMESPACE}$")
-_FRAGMENT_KEY_RE = re.compile(rf"^{_NAMESPACE}/[0-9a-f]{{2}}/[0-9a-f]{{64}}{re.escape(FRAGMENT_SUFFIX)}$")
+_FRAGMENT_KEY_RE = re.compile(
+    rf"^{_NAMESPACE}/(?P<fan>[0-9a-f]{{2}})/(?P<digest>[0-9a-f]{{64}})"
+    rf"(?:\.h(?P<head>0|[1-9][0-9]{{0,5}}))?{re.escape(FRAGMENT_SUFFIX)}$"
+)
 _NOT_NAMESPACE_RE = re.compile(rf"[^{_NAMESPACE_CHARS}]+")
 
 if sys.byteorder != "little":  # pragma: no cover - torch ships little-endian builds only
@@ -53,8 +65,30 @@ def namespace_part(text: str, replacement: str = "-") -> str:
 
 
 def is_fragment_key(key: str) -> bool:
-    """Whether ``key`` has the shape of a fragment's key (tools touch nothing else)."""
-    return _FRAGMENT_KEY_RE.match(key) is not None
+    """Whether ``key`` has the shape of a fragment's key, format 1 or 2 (tools touch nothing else)."""
+    return parse_key(key) is not None
+
+
+@dataclass(frozen=True)
+class KeyInfo:
+    """What a fragment key says about its object (the namespace is the key's first part)."""
+
+    digest: str
+    head: int | None
+    """``None`` for a format 1 key (one object held every head)."""
+
+    @property
+    def version(self) -> int:
+        return 1 if self.head is None else LAYOUT_VERSION
+
+
+def parse_key(key: str) -> KeyInfo | None:
+    """The parts of a format 1 or 2 fragment key, or ``None`` for any other object."""
+    match = _FRAGMENT_KEY_RE.match(key)
+    if match is None or match["fan"] != match["digest"][:2]:
+        return None
+    head = match["head"]
+    return KeyInfo(match["digest"], None if head is None else int(head))
 
 
 def one_sequence(tokens: torch.Tensor) -> torch.Tensor:
@@ -112,12 +146,23 @@ def int64_le_bytes(ids: torch.Tensor) -> bytearray:
     return out
 
 
-def fragment_key(namespace: str, digest: bytes) -> str:
-    """The key of the fragment for the group whose chained digest is ``digest``."""
+def fragment_key(namespace: str, digest: bytes, head: int) -> str:
+    """The key of KV head ``head`` of the group whose chained digest is ``digest``."""
     hexdigest = digest.hex()
-    return f"{namespace}/{hexdigest[:2]}/{hexdigest}{FRAGMENT_SUFFIX}"
+    return f"{namespace}/{hexdigest[:2]}/{hexdigest}.h{head}{FRAGMENT_SUFFIX}"
 
 
-def group_keys(namespace: str, split_factor: int, ids: torch.Tensor, salt: str | None = None) -> list[str]:
-    """The key of every group of an already validated token sequence."""
-    return [fragment_key(namespace, d) for d in group_digests(ids, split_factor, namespace, salt)]
+def fragment_keys(namespace: str, digest: bytes, heads: HeadRange) -> list[str]:
+    """The keys a reader of ``heads`` needs for one group, in head order."""
+    return [fragment_key(namespace, digest, head) for head in heads.heads]
+
+
+def group_keys(
+    namespace: str, split_factor: int, ids: torch.Tensor, salt: str | None = None, kv_heads: int | None = None
+) -> list[str]:
+    """The keys of an already validated token sequence, group by group: every head's with
+    ``kv_heads``, else the one probed for each group (its head 0)."""
+    digests = group_digests(ids, split_factor, namespace, salt)
+    if kv_heads is None:
+        return [fragment_key(namespace, d, 0) for d in digests]
+    return [key for d in digests for key in fragment_keys(namespace, d, HeadRange.all(kv_heads))]

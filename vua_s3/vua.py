@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import os
 import time
@@ -20,6 +21,7 @@ from .fragment import KVCache
 from .keys import fragment_key, group_digests, token_ids
 from .loop import BackgroundLoop, gather_or_cancel
 from .probe import stored_prefix
+from .shards import HeadRange
 from .storage import ObjectInfo, Store, open_store
 
 log = logging.getLogger(__name__)
@@ -56,6 +58,7 @@ class _Group(NamedTuple):
     """One group of one sequence: where it lives and what it must contain."""
 
     key: str
+    """The key of the head probed for the group (see ``HeadRange.representative``)."""
     digest: bytes
     parent: bytes | None
     number: int
@@ -143,54 +146,84 @@ class _BufferPool:
 
 
 class _Assembly:
-    """One query's fragments, copied into one output tensor as each arrives.
+    """One query's objects, copied into one output tensor as each arrives.
 
-    Group 0 fixes the layout and allocates the output; later groups wait for it (their
-    downloads do not) and end the prefix if their layout differs. One copy per fragment
-    into the output: a non-blocking host-to-device copy from pinned memory for CUDA.
+    The representative head of the first group fixes the layout (and, when the query
+    asks for every head without knowing how many there are, the head count) and
+    allocates the output; every other object waits for it (their downloads do not) and
+    ends the prefix if its layout differs. One copy per object into the output: a
+    non-blocking host-to-device copy from pinned memory for CUDA.
     """
 
-    def __init__(self, groups: int, size: int, device: torch.device) -> None:
+    def __init__(
+        self, groups: int, size: int, device: torch.device, heads: HeadRange | None, out: torch.Tensor | None = None
+    ) -> None:
         self._groups = groups
         self._size = size
         self._device = device
+        self.heads = heads
+        """The heads loaded; ``None`` until the first representative tells (every head)."""
+        self.kv_heads: int | None = None
+        """The model's KV head count, as the first group's representative tells it."""
         self._out: asyncio.Future[torch.Tensor | None] = asyncio.get_running_loop().create_future()
+        if out is not None:
+            self._out.set_result(out)
 
     @property
     def pinned(self) -> bool:
         return self._device.type == "cuda"
 
+    @property
+    def representative(self) -> int:
+        return 0 if self.heads is None else self.heads.representative
+
     def abandon(self) -> None:
-        """Group 0 is unusable: nothing after it can be used either."""
+        """The first group's representative is unusable: nothing can be used."""
         if not self._out.done():
             self._out.set_result(None)
 
-    async def place(self, number: int, frag: fragment.Fragment) -> bool:
-        if number == 0:
-            layers, two, heads, _, head_dim = frag.kv.shape
-            shape = (layers, two, heads, self._size * self._groups, head_dim)
-            out = await asyncio.to_thread(torch.empty, shape, dtype=frag.kv.dtype, device=self._device)
-            self._out.set_result(out)
-        else:
-            found = await asyncio.shield(self._out)
-            if found is None:
-                return False
-            out = found
-            if frag.kv.dtype != out.dtype or [*frag.kv.shape[:3], frag.kv.size(4)] != [*out.shape[:3], out.size(4)]:
-                log.warning(
-                    "fragment layout changes at group %d (%s %s -> %s %s); prefix ends there",
-                    number,
-                    out.dtype,
-                    [*out.shape[:3], self._size, out.size(4)],
-                    frag.kv.dtype,
-                    list(frag.kv.shape),
-                )
-                return False
-        await asyncio.to_thread(self._copy, out, number, frag.kv)
+    async def layout(self) -> HeadRange | None:
+        """The heads loaded, once the layout is fixed; ``None`` if nothing is usable."""
+        out = await asyncio.shield(self._out)
+        return None if out is None else self.heads
+
+    async def place(self, index: int, frag: fragment.Fragment) -> bool:
+        """Copy ``frag`` to group position ``index``; ``False`` (logged) if it does not fit."""
+        if not self._out.done() and index == 0 and frag.head == self.representative:
+            self.kv_heads = frag.kv_heads
+            if self.heads is None:
+                self.heads = HeadRange.all(frag.kv_heads)
+            layers, two, _, _, head_dim = frag.kv.shape
+            shape = (layers, two, self.heads.count, self._size * self._groups, head_dim)
+            self._out.set_result(await asyncio.to_thread(torch.empty, shape, dtype=frag.kv.dtype, device=self._device))
+        out = await asyncio.shield(self._out)
+        if out is None or self.heads is None:
+            return False
+        if (
+            frag.kv.dtype != out.dtype
+            or [frag.kv.size(0), frag.kv.size(4)] != [out.size(0), out.size(4)]
+            or frag.kv_heads != self.heads.total
+            or frag.head not in self.heads.heads
+        ):
+            log.warning(
+                "fragment layout changes at group position %d (%s %d layers, head_dim %d, %s -> %s %s, head %d of %d); "
+                "prefix ends there",
+                index,
+                out.dtype,
+                out.size(0),
+                out.size(4),
+                self.heads,
+                frag.kv.dtype,
+                list(frag.kv.shape),
+                frag.head,
+                frag.kv_heads,
+            )
+            return False
+        await asyncio.to_thread(self._copy, out, index, frag.head - self.heads.start, frag.kv)
         return True
 
-    def _copy(self, out: torch.Tensor, number: int, kv: torch.Tensor) -> None:
-        target = out[:, :, :, number * self._size : (number + 1) * self._size]
+    def _copy(self, out: torch.Tensor, index: int, head: int, kv: torch.Tensor) -> None:
+        target = out[:, :, head : head + 1, index * self._size : (index + 1) * self._size]
         if out.device.type == "cuda":  # not run in CI (no GPU); README says where it was checked
             target.copy_(kv, non_blocking=True)
             torch.cuda.current_stream(out.device).synchronize()  # the pinned buffer goes back to the pool after this
@@ -255,6 +288,7 @@ class AsyncVUA:
         self._limits: dict[asyncio.AbstractEventLoop, asyncio.Semaphore] = {}
         self._known = _KnownPresent()
         self._pool = _BufferPool(keep=max_inflight)
+        self._kv_heads: int | None = None  # of this namespace, once a put or a load told
 
     def config(self) -> VUAConfig:
         """The configuration this cache was opened with."""
@@ -309,80 +343,143 @@ class AsyncVUA:
             missing.append(hole)
             start = hole + 1
 
-    def _groups(self, ids: torch.Tensor, salt: str | None) -> list[_Group]:
+    def _groups(self, ids: torch.Tensor, salt: str | None, heads: HeadRange | None = None) -> list[_Group]:
         if salt is not None and not isinstance(salt, str):
             raise TypeError(f"salt must be a string or None, got {type(salt).__name__}")
+        if heads is not None and not isinstance(heads, HeadRange):
+            raise TypeError(f"heads must be a vua_s3.HeadRange or None, got {type(heads).__name__}")
         cfg = self._config
         digests = group_digests(ids, cfg.split_factor, cfg.namespace, salt)
+        probed = 0 if heads is None else heads.representative
         return [
-            _Group(fragment_key(cfg.namespace, d), d, digests[i - 1] if i else None, i) for i, d in enumerate(digests)
+            _Group(fragment_key(cfg.namespace, d, probed), d, digests[i - 1] if i else None, i)
+            for i, d in enumerate(digests)
         ]
 
-    async def put(self, tokens: torch.Tensor, kvcache: KVCache, *, salt: str | None = None) -> int:
+    async def put(
+        self, tokens: torch.Tensor, kvcache: KVCache, *, salt: str | None = None, heads: HeadRange | None = None
+    ) -> int:
         """Store every group of ``tokens`` not already stored; return how many were written.
 
         ``tokens`` is ``[n]``, ``[1, n]`` or ``[b, n]`` (a batch, one sequence per row);
         ``kvcache`` is one ``(K, V)`` per layer, each ``[b, heads, n, head_dim]``; ``n``
-        must be a multiple of ``split_factor``. A failed upload raises
-        :class:`~vua_s3.errors.StoreError`; groups already written stay valid.
+        must be a multiple of ``split_factor``. ``heads`` says which of the model's KV
+        heads ``kvcache`` holds (default: all); each head is one object. A failed upload
+        raises :class:`~vua_s3.errors.StoreError`; groups already written stay valid.
         """
         rows = _token_rows(tokens)
         _check_kvcache(kvcache, rows)
+        heads = self._held_heads(kvcache, heads)
         sequences = [token_ids(tokens_row, self._config.split_factor) for tokens_row in rows]
-        chains = [self._groups(ids, salt) for ids in sequences]
+        chains = [self._groups(ids, salt, heads) for ids in sequences]
         missing = await gather_or_cancel(*(self._missing([g.key for g in chain]) for chain in chains))
         todo: dict[str, tuple[int, torch.Tensor, _Group]] = {}
         for row, (ids, chain, numbers) in enumerate(zip(sequences, chains, missing, strict=True)):
             for number in numbers:
                 todo.setdefault(chain[number].key, (row, ids, chain[number]))
-        await gather_or_cancel(*(self._write_group(kvcache, row, 0, ids, group) for row, ids, group in todo.values()))
+        await gather_or_cancel(
+            *(self._write_group(kvcache, row, 0, ids, group, heads) for row, ids, group in todo.values())
+        )
         return len(todo)
 
     async def put_groups(
-        self, ids: torch.Tensor, kvcache: KVCache, groups: Sequence[int], *, kv_start: int = 0, salt: str | None = None
+        self,
+        ids: torch.Tensor,
+        kvcache: KVCache,
+        groups: Sequence[int],
+        *,
+        kv_start: int = 0,
+        salt: str | None = None,
+        heads: HeadRange | None = None,
     ) -> None:
         """Write groups ``groups`` of the token sequence ``ids`` (validated by
         :func:`~vua_s3.keys.token_ids`) whose KV is ``kvcache`` row 0, holding tokens from
-        ``kv_start`` on; concurrently, without probing first. The writer that integrations
-        with their own bookkeeping (the vLLM connector) share with :meth:`put`."""
-        chain = self._groups(ids, salt)
-        await gather_or_cancel(*(self._write_group(kvcache, 0, kv_start, ids, chain[number]) for number in groups))
+        ``kv_start`` on and the KV heads ``heads`` (default: all); concurrently, without
+        probing first. The writer that integrations with their own bookkeeping (the vLLM
+        connector; for a tensor-parallel rank ``heads`` is :func:`vua_s3.shards.rank_writes`)
+        share with :meth:`put`."""
+        heads = self._held_heads(kvcache, heads)
+        chain = self._groups(ids, salt, heads)
+        await gather_or_cancel(
+            *(self._write_group(kvcache, 0, kv_start, ids, chain[number], heads) for number in groups)
+        )
 
-    async def _write_group(self, kvcache: KVCache, row: int, kv_start: int, ids: torch.Tensor, group: _Group) -> None:
-        """The one group writer: the fragment goes out as views of the caller's tensors."""
+    def _held_heads(self, kvcache: KVCache, heads: HeadRange | None) -> HeadRange:
+        """The heads ``kvcache`` holds, checked against its shape; remembered as the model's."""
+        held = kvcache[0][0].size(1)
+        if heads is None:
+            heads = HeadRange.all(held)
+        elif not isinstance(heads, HeadRange):
+            raise TypeError(f"heads must be a vua_s3.HeadRange or None, got {type(heads).__name__}")
+        elif heads.count != held:
+            raise ValueError(f"kvcache holds {held} KV heads but heads={heads} names {heads.count}")
+        self._kv_heads = heads.total
+        return heads
+
+    async def _write_group(
+        self, kvcache: KVCache, row: int, kv_start: int, ids: torch.Tensor, group: _Group, heads: HeadRange
+    ) -> None:
+        """The one group writer: one object per head, the representative last, so finding
+        it means this writer stored the rest."""
+        others = [head for head in heads.heads if head != heads.representative]
+        await gather_or_cancel(*(self._write_head(kvcache, row, kv_start, ids, group, heads, h) for h in others))
+        await self._write_head(kvcache, row, kv_start, ids, group, heads, heads.representative)
+
+    async def _write_head(
+        self, kvcache: KVCache, row: int, kv_start: int, ids: torch.Tensor, group: _Group, heads: HeadRange, head: int
+    ) -> None:
+        """One object: it goes out as views of the caller's tensors."""
         size = self._config.split_factor
         start = group.number * size
         metadata = fragment.group_metadata(self._config.namespace, size, group.number, group.digest, group.parent)
+        key = fragment_key(self._config.namespace, group.digest, head)
         async with self._limit():
             segments = await asyncio.to_thread(
-                fragment.encode_segments, kvcache, row, start - kv_start, ids[start : start + size], metadata
+                functools.partial(fragment.encode_segments, head=head, kv_heads=heads.total, first_head=heads.start),
+                kvcache,
+                row,
+                start - kv_start,
+                ids[start : start + size],
+                metadata,
             )
-            await self._store.put_segments(group.key, segments)
-        self._known.add(ObjectInfo(key=group.key, size=sum(map(len, segments)), last_modified=time.time()))
+            await self._store.put_segments(key, segments)
+        self._known.add(ObjectInfo(key=key, size=sum(map(len, segments)), last_modified=time.time()))
 
     @overload
     async def get_closest(
-        self, tokens: torch.Tensor, device: Any = ..., *, salt: str | None = ...
+        self, tokens: torch.Tensor, device: Any = ..., *, salt: str | None = ..., heads: HeadRange | None = ...
     ) -> ClosestKV | None: ...
     @overload
     async def get_closest(
-        self, tokens: Sequence[torch.Tensor], device: Any = ..., *, salt: str | None = ...
+        self,
+        tokens: Sequence[torch.Tensor],
+        device: Any = ...,
+        *,
+        salt: str | None = ...,
+        heads: HeadRange | None = ...,
     ) -> list[ClosestKV | None]: ...
     async def get_closest(
-        self, tokens: torch.Tensor | Sequence[torch.Tensor], device: Any = "cpu", *, salt: str | None = None
+        self,
+        tokens: torch.Tensor | Sequence[torch.Tensor],
+        device: Any = "cpu",
+        *,
+        salt: str | None = None,
+        heads: HeadRange | None = None,
     ) -> ClosestKV | list[ClosestKV | None] | None:
         """The longest stored prefix of ``tokens`` loaded onto ``device``, or ``None``.
 
         A list of 1-D tensors gives a list of results. Tokens are trimmed to the split
-        factor first. A fragment that is corrupt, truncated, unreadable or does not hold the
-        query's tokens ends the prefix there (logged), so wrong KV is never returned.
+        factor first. ``heads`` loads only those KV heads (default: all). A group is
+        part of the prefix only if every head asked for is there and checks out; an
+        object that is missing, corrupt, truncated, unreadable or does not hold the query's
+        tokens ends the prefix there (logged), so wrong KV is never returned.
         """
         if isinstance(tokens, torch.Tensor):
-            return await self._guarded("get_closest", self._get_one(tokens, torch.device(device), salt), None)
+            return await self._guarded("get_closest", self._get_one(tokens, torch.device(device), salt, heads), None)
         if not isinstance(tokens, Sequence) or not all(isinstance(t, torch.Tensor) for t in tokens):
             raise TypeError("tokens must be a tensor or a list of tensors")
         return await gather_or_cancel(
-            *(self._guarded("get_closest", self._get_one(t, torch.device(device), salt), None) for t in tokens)
+            *(self._guarded("get_closest", self._get_one(t, torch.device(device), salt, heads), None) for t in tokens)
         )
 
     async def _guarded(self, verb: str, work: Awaitable[_T | _Interrupted[_T]], miss: _T) -> _T:
@@ -419,20 +516,28 @@ class AsyncVUA:
         self._outage = reason
 
     async def _get_one(
-        self, tokens: torch.Tensor, device: torch.device, salt: str | None
+        self, tokens: torch.Tensor, device: torch.device, salt: str | None, heads: HeadRange | None
     ) -> ClosestKV | _Interrupted[ClosestKV | None] | None:
         trimmed = self._trim(tokens)
         if trimmed is None:
             return None
         ids = token_ids(trimmed, self._config.split_factor)
-        groups = self._groups(ids, salt)
+        groups = self._groups(ids, salt, heads)
         hits = _leading_hits(await self._probe([g.key for g in groups]))
         if not hits:
             return None
-        assembly = _Assembly(len(hits), self._config.split_factor, device)
+        # Every head: fetched at once if this object knows how many, else after the first
+        # group's representative tells (and remembered; a wrong guess is a miss once).
+        known = HeadRange.all(self._kv_heads) if heads is None and self._kv_heads is not None else heads
+        assembly = _Assembly(len(hits), self._config.split_factor, device, known)
         usable, outage = await self._load_prefix(
-            [self._load(group, info, ids, assembly) for group, info in zip(groups, hits, strict=False)]
+            [
+                self._load(group, group.number, info.size, ids, assembly)
+                for group, info in zip(groups, hits, strict=False)
+            ]
         )
+        if heads is None and assembly.kv_heads is not None:
+            self._kv_heads = assembly.kv_heads
         result = None
         if usable:
             data = await asyncio.to_thread(assembly.result, usable)
@@ -470,26 +575,48 @@ class AsyncVUA:
         loaded = [task.result() for task in tasks[:end]]
         return next((i for i, ok in enumerate(loaded) if not ok), end), outage
 
-    async def _load(self, group: _Group, info: ObjectInfo, ids: torch.Tensor, assembly: _Assembly) -> bool:
-        """Fetch, check and place one fragment; ``False`` (logged) if it cannot be used."""
+    async def _load(self, group: _Group, index: int, size: int, ids: torch.Tensor, assembly: _Assembly) -> bool:
+        """Fetch, check and place every head of one group at position ``index``; ``False``
+        (logged) if any cannot be used. ``size`` is the representative's (all heads of a
+        group have one size). Without a known head count, the rest follow the first
+        group's representative, which tells it."""
+        first = assembly.representative
+        if assembly.heads is not None:
+            order = [first, *(head for head in assembly.heads.heads if head != first)]
+            loaded = await gather_or_cancel(*(self._load_head(group, h, index, size, ids, assembly) for h in order))
+            return all(loaded)
+        if not await self._load_head(group, first, index, size, ids, assembly):
+            return False
+        heads = await assembly.layout()
+        if heads is None:
+            return False
+        rest = [head for head in heads.heads if head != first]
+        return all(await gather_or_cancel(*(self._load_head(group, h, index, size, ids, assembly) for h in rest)))
+
+    async def _load_head(
+        self, group: _Group, head: int, index: int, size: int, ids: torch.Tensor, assembly: _Assembly
+    ) -> bool:
+        """Fetch, check and place one object; ``False`` (logged) if it cannot be used."""
+        key = fragment_key(self._config.namespace, group.digest, head)
         placed = False
         async with self._limit():
-            fetched = await self._fetch(group.key, info.size, assembly.pinned)
+            fetched = await self._fetch(key, size, assembly.pinned)
             try:
                 if fetched is None:
                     return False
                 try:
                     frag = await asyncio.to_thread(fragment.decode, fetched[1])
-                    size = self._config.split_factor
-                    group_tokens = ids[group.number * size : (group.number + 1) * size]
-                    fragment.check_group(frag, self._config.namespace, size, group.number, group.digest, group_tokens)
+                    split = self._config.split_factor
+                    group_tokens = ids[group.number * split : (group.number + 1) * split]
+                    namespace = self._config.namespace
+                    fragment.check_group(frag, namespace, split, group.number, group.digest, group_tokens, head)
                 except FragmentError as exc:
-                    log.warning("fragment %s in %s is unusable, treated as a miss: %s", group.key, self._store.url, exc)
+                    log.warning("fragment %s in %s is unusable, treated as a miss: %s", key, self._store.url, exc)
                     return False
-                placed = await assembly.place(group.number, frag)
+                placed = await assembly.place(index, frag)
                 return placed
             finally:
-                if group.number == 0 and not placed:
+                if index == 0 and head == assembly.representative and not placed:
                     assembly.abandon()
                 if fetched is not None:
                     self._pool.give(fetched[0], assembly.pinned)
@@ -530,18 +657,53 @@ class AsyncVUA:
         trimmed = self._config.trim_to_split_factor(tokens)
         return trimmed if trimmed.numel() else None
 
-    async def lookup(self, tokens: torch.Tensor, *, salt: str | None = None) -> int:
+    async def lookup(self, tokens: torch.Tensor, *, salt: str | None = None, heads: HeadRange | None = None) -> int:
         """How many leading tokens of ``tokens`` are stored, by probing only (no data moves).
 
-        Like :meth:`get_closest`, an outage of the store gives 0 unless ``strict``.
+        One object per group is probed: the representative of ``heads`` (default: all
+        heads), which its writer stores after its other heads. Heads stored by another
+        writer (another tensor-parallel rank) are not probed: if one is missing, the load
+        finds out and the prefix ends there. Like :meth:`get_closest`, an outage of the
+        store gives 0 unless ``strict``.
         """
-        return await self._guarded("lookup", self._lookup(tokens, salt), 0)
+        return await self._guarded("lookup", self._lookup(tokens, salt, heads), 0)
 
-    async def _lookup(self, tokens: torch.Tensor, salt: str | None) -> int:
+    async def load_group(
+        self, tokens: torch.Tensor, number: int, heads: HeadRange, out: torch.Tensor, *, salt: str | None = None
+    ) -> bool:
+        """Fetch group ``number`` of ``tokens``, heads ``heads``, into ``out``, without probing.
+
+        ``out`` is ``[layers, 2, heads.count, split_factor, head_dim]`` in the stored dtype,
+        on any device (pinned host memory lets a caller copy it on to a GPU
+        asynchronously); the object sizes follow from it, so one GET per head and no HEAD.
+        Each object is checked and copied in as it arrives. ``False`` (logged) if any head
+        is missing or unusable; ``out`` then holds a mix. Outages are handled as in
+        :meth:`get_closest`.
+        """
+        return await self._guarded("load_group", self._load_group(tokens, number, heads, out, salt), False)
+
+    async def _load_group(
+        self, tokens: torch.Tensor, number: int, heads: HeadRange, out: torch.Tensor, salt: str | None
+    ) -> bool:
+        size = self._config.split_factor
+        ids = token_ids(tokens, size)
+        groups = self._groups(ids, salt, heads)
+        if isinstance(number, bool) or not isinstance(number, int) or not 0 <= number < len(groups):
+            raise ValueError(f"number must be a group of the {len(groups)} in tokens, got {number!r}")
+        if not isinstance(out, torch.Tensor) or out.dim() != 5 or list(out.shape[1:4]) != [2, heads.count, size]:
+            shape = list(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+            raise ValueError(f"out must be [layers, 2, {heads.count}, {size}, head_dim], got {shape}")
+        group = groups[number]
+        layout = (out.size(0), size, out.size(4), out.dtype)
+        metadata = fragment.group_metadata(self._config.namespace, size, group.number, group.digest, group.parent)
+        expected = fragment.encoded_size(*layout, metadata, head=heads.representative, kv_heads=heads.total)
+        return await self._load(group, 0, expected, ids, _Assembly(1, size, out.device, heads, out))
+
+    async def _lookup(self, tokens: torch.Tensor, salt: str | None, heads: HeadRange | None) -> int:
         trimmed = self._trim(tokens)
         if trimmed is None:
             return 0
-        groups = self._groups(token_ids(trimmed, self._config.split_factor), salt)
+        groups = self._groups(token_ids(trimmed, self._config.split_factor), salt, heads)
         # Always asked: a lookup tells what the store can serve now (an outage, a refusal, an
         # expiry must show), where put and get_closest lose nothing by trusting the cache.
         stored = await self._stored_prefix([g.key for g in groups], trust_known=False)
@@ -577,25 +739,39 @@ class VUA:
     def store(self) -> Store:
         return self._async.store
 
-    def put(self, tokens: torch.Tensor, kvcache: KVCache, *, salt: str | None = None) -> int:
+    def put(
+        self, tokens: torch.Tensor, kvcache: KVCache, *, salt: str | None = None, heads: HeadRange | None = None
+    ) -> int:
         """See :meth:`AsyncVUA.put`."""
-        return self._loop.run(self._async.put(tokens, kvcache, salt=salt))
+        return self._loop.run(self._async.put(tokens, kvcache, salt=salt, heads=heads))
 
     @overload
-    def get_closest(self, tokens: torch.Tensor, device: Any = ..., *, salt: str | None = ...) -> ClosestKV | None: ...
+    def get_closest(
+        self, tokens: torch.Tensor, device: Any = ..., *, salt: str | None = ..., heads: HeadRange | None = ...
+    ) -> ClosestKV | None: ...
     @overload
     def get_closest(
-        self, tokens: Sequence[torch.Tensor], device: Any = ..., *, salt: str | None = ...
+        self,
+        tokens: Sequence[torch.Tensor],
+        device: Any = ...,
+        *,
+        salt: str | None = ...,
+        heads: HeadRange | None = ...,
     ) -> list[ClosestKV | None]: ...
     def get_closest(
-        self, tokens: torch.Tensor | Sequence[torch.Tensor], device: Any = "cpu", *, salt: str | None = None
+        self,
+        tokens: torch.Tensor | Sequence[torch.Tensor],
+        device: Any = "cpu",
+        *,
+        salt: str | None = None,
+        heads: HeadRange | None = None,
     ) -> ClosestKV | list[ClosestKV | None] | None:
         """See :meth:`AsyncVUA.get_closest`."""
-        return self._loop.run(self._async.get_closest(tokens, device, salt=salt))
+        return self._loop.run(self._async.get_closest(tokens, device, salt=salt, heads=heads))
 
-    def lookup(self, tokens: torch.Tensor, *, salt: str | None = None) -> int:
+    def lookup(self, tokens: torch.Tensor, *, salt: str | None = None, heads: HeadRange | None = None) -> int:
         """See :meth:`AsyncVUA.lookup`."""
-        return self._loop.run(self._async.lookup(tokens, salt=salt))
+        return self._loop.run(self._async.lookup(tokens, salt=salt, heads=heads))
 
     def close(self) -> None:
         """Release connections and stop the loop thread."""

@@ -207,7 +207,8 @@ def _measure(
 
     # Sizes and bodies of the floor's objects: the fragments vua_s3 writes.
     vua.put(tokens, kv, salt="sizes")
-    keys = [k for row in rows for k in cfg.tokens_to_paths(row, salt="sizes")]
+    heads = options.shape.kv_heads  # one object per group and KV head (format 2)
+    keys = [k for row in rows for k in cfg.tokens_to_paths(row, salt="sizes", kv_heads=heads)]
     infos = loop.run(floor.store.head_many(keys))
     sizes = [info.size for info in infos if info is not None]
     assert len(sizes) == len(keys)
@@ -247,7 +248,7 @@ def _measure(
         for _ in range(3):
             timed("floor_head", loop.run, floor.head(floor_keys[0]))
         loop.run(floor.delete(floor_keys))
-        loop.run(_delete(floor.store, [k for row in rows for k in cfg.tokens_to_paths(row, salt=salt)]))
+        loop.run(_delete(floor.store, [k for row in rows for k in cfg.tokens_to_paths(row, salt=salt, kv_heads=heads)]))
 
     report: dict[str, Any] = {"vua": {}, "floor": {}, "ratios": {}, "checks": checks}
     for name, samples in results.items():

@@ -1,4 +1,8 @@
-"""``vua-s3 ls`` and ``vua-s3 stats``: what a store holds, per namespace."""
+"""``vua-s3 ls`` and ``vua-s3 stats``: what a store holds, per namespace.
+
+Objects are counted as they are; groups are the distinct prefixes with at least one
+format-2 object (one object per KV head); format-1 objects (one per group, never read
+since format 2) are counted apart so they can be expired."""
 
 from __future__ import annotations
 
@@ -8,6 +12,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+from ..keys import parse_key
 from ..storage import open_store
 from .args import LOCATION_HELP, human_size
 
@@ -18,7 +23,7 @@ def add_parsers(sub: Any) -> None:
     p.add_argument("namespace", nargs="?", help="list this namespace's fragments")
     p.set_defaults(func=ls)
 
-    p = sub.add_parser("stats", help="objects and bytes per namespace")
+    p = sub.add_parser("stats", help="objects, groups and bytes per namespace")
     p.add_argument("url", help=LOCATION_HELP)
     p.set_defaults(func=stats)
 
@@ -27,6 +32,8 @@ def add_parsers(sub: Any) -> None:
 class _Usage:
     objects: int = 0
     bytes: int = 0
+    groups: set[str] = field(default_factory=set)
+    v1: int = 0
     times: list[float] = field(default_factory=list)
 
 
@@ -39,34 +46,46 @@ async def _usage(location: str) -> dict[str, _Usage]:
             entry.objects += 1
             entry.bytes += info.size
             entry.times.append(info.last_modified)
+            key = parse_key(info.key)
+            if key is not None and key.version == 1:
+                entry.v1 += 1
+            elif key is not None:
+                entry.groups.add(key.digest)
         return usage
     finally:
         await store.close()
 
 
 def stats(args: argparse.Namespace) -> int:
-    """Objects and bytes per namespace."""
+    """Objects, groups, format-1 objects and bytes per namespace."""
     usage = asyncio.run(_usage(args.url))
     if not usage:
         print(f"{args.url}: empty")
         return 0
-    print(f"{'namespace':<40}{'objects':>10}{'bytes':>14}{'oldest':>22}{'newest':>22}")
+    print(f"{'namespace':<40}{'objects':>10}{'groups':>10}{'v1':>8}{'bytes':>14}{'oldest':>22}{'newest':>22}")
     for name, entry in sorted(usage.items()):
         oldest, newest = (
             time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(t)) for t in (min(entry.times), max(entry.times))
         )
-        print(f"{name:<40}{entry.objects:>10}{human_size(entry.bytes):>14}{oldest:>22}{newest:>22}")
-    total_objects = sum(e.objects for e in usage.values())
-    total_bytes = sum(e.bytes for e in usage.values())
-    print(f"{'total':<40}{total_objects:>10}{human_size(total_bytes):>14}")
+        row = f"{name:<40}{entry.objects:>10}{len(entry.groups):>10}{entry.v1:>8}{human_size(entry.bytes):>14}"
+        print(f"{row}{oldest:>22}{newest:>22}")
+    objects, groups, v1, size = (sum(column) for column in zip(*(_row(e) for e in usage.values()), strict=True))
+    print(f"{'total':<40}{objects:>10}{groups:>10}{v1:>8}{human_size(size):>14}")
+    if v1:
+        print(f"{v1} objects of format 1 are never read; gc expires them by age")
     return 0
+
+
+def _row(entry: _Usage) -> tuple[int, int, int, int]:
+    return entry.objects, len(entry.groups), entry.v1, entry.bytes
 
 
 def ls(args: argparse.Namespace) -> int:
     """Namespaces in a store, or the fragments of one namespace."""
     if not args.namespace:
         for name, entry in sorted(asyncio.run(_usage(args.url)).items()):
-            print(f"{name}/\t{entry.objects} objects\t{human_size(entry.bytes)}")
+            old = f"\t{entry.v1} of format 1 (never read)" if entry.v1 else ""
+            print(f"{name}/\t{entry.objects} objects\t{len(entry.groups)} groups\t{human_size(entry.bytes)}{old}")
         return 0
 
     async def listing() -> None:
@@ -74,7 +93,9 @@ def ls(args: argparse.Namespace) -> int:
         try:
             async for info in store.list(args.namespace.rstrip("/") + "/"):
                 stamp = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(info.last_modified))
-                print(f"{stamp}  {info.size:>12}  {info.key}")
+                key = parse_key(info.key)
+                kind = "other" if key is None else "v1" if key.head is None else f"h{key.head}"
+                print(f"{stamp}  {info.size:>12}  {kind:<5}  {info.key}")
         finally:
             await store.close()
 

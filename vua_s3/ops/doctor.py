@@ -14,15 +14,19 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import boto3
+import torch
 from botocore.exceptions import BotoCoreError, ClientError, SSLError
 from botocore.exceptions import ConnectionError as BotoConnectionError
 
 from .. import logsafe
-from ..errors import InvalidLocationError
-from ..storage import open_store
+from ..config import VUAConfig
+from ..errors import InvalidLocationError, StoreError
+from ..keys import LAYOUT_VERSION
+from ..storage import Store, open_store
 from ..storage.posix import FILE_MODE, PosixStore
 from ..storage.s3 import S3Store
 from ..storage.s3.errors import CHECKSUM_REFUSALS, DENIED, NO_BUCKET, NOT_FOUND, PRECONDITION_FAILED, error_code
+from ..vua import AsyncVUA
 
 PASS, WARN, FAIL, SKIP = "pass", "warn", "FAIL", "skip"
 
@@ -121,6 +125,10 @@ class _S3Doctor:
                 status, detail = (WARN, detail[5:]) if detail.startswith("warn:") else (PASS, detail)
                 self.checks.append(Check(name, status, detail, fix if status == WARN else ""))
         self._cleanup(client)
+        if all(c.status in (PASS, WARN) for c in self.checks if c.name in ("put", "get", "delete")):
+            self.checks.append(asyncio.run(_fragment_round_trip(self.store)))
+        else:
+            self.checks.append(Check("fragments", SKIP, "needs put, get and delete"))
         return self.checks
 
     def _fail(self, name: str, exc: BaseException, permission: str, fix: str) -> None:
@@ -136,7 +144,8 @@ class _S3Doctor:
         self.checks.append(Check(name, FAIL, detail, fix))
 
     def _skip_rest(self) -> list[Check]:
-        for name in ("put", "head", "get", "ranged get", "multipart", "conditional put", "checksums", "delete"):
+        names = ("put", "head", "get", "ranged get", "multipart", "conditional put", "checksums", "delete", "fragments")
+        for name in names:
             self.checks.append(Check(name, SKIP, "needs the checks above"))
         return self.checks
 
@@ -321,6 +330,35 @@ class _S3Doctor:
                 client.delete_object(Bucket=self.bucket, Key=key)
 
 
+async def _fragment_round_trip(store: Store) -> Check:
+    """The cache itself, end to end: one group of a two-head KV cache stored in the current
+    format (one object per KV head), read back and compared bit for bit, then deleted."""
+    config = VUAConfig(split_factor=16, namespace=f"vua-doctor-{uuid.uuid4().hex[:12]}")
+    tokens = torch.arange(16)
+    kv = [(torch.randn(1, 2, 16, 8), torch.randn(1, 2, 16, 8))]
+    keys = config.tokens_to_paths(tokens, kv_heads=2)
+    vua = AsyncVUA(config, store, strict=True)
+    try:
+        await vua.put(tokens, kv)
+        hit = await vua.get_closest(tokens)
+        if hit is None or not all(torch.equal(got, want) for got, want in zip(hit.data[0], kv[0], strict=True)):
+            return Check("fragments", FAIL, "stored objects did not read back intact", "report this as a bug")
+        return Check("fragments", PASS, f"format {LAYOUT_VERSION}: {len(keys)} objects (one per KV head), round trip")
+    except StoreError as exc:
+        return Check("fragments", FAIL, str(exc)[:200], "fix the failures above first")
+    finally:
+        for key in keys:
+            with contextlib.suppress(StoreError):
+                await store.delete(key)
+        if isinstance(store, PosixStore):
+            for key in keys:
+                with contextlib.suppress(OSError):
+                    (store.root / key).parent.rmdir()
+            with contextlib.suppress(OSError):
+                (store.root / config.namespace).rmdir()
+        await vua.close()
+
+
 async def _posix_doctor(store: PosixStore) -> list[Check]:
     checks = [Check("directory", PASS, str(store.root))]
     key = f".vua-doctor/{uuid.uuid4().hex}"
@@ -335,6 +373,7 @@ async def _posix_doctor(store: PosixStore) -> list[Check]:
         checks.append(Check("get", PASS if same else FAIL, "content matches" if same else "content differs"))
         await store.delete(key)
         checks.append(Check("delete", PASS, "scratch file removed"))
+        checks.append(await _fragment_round_trip(store))
     except Exception as exc:
         checks.append(Check("access", FAIL, str(exc), f"let this user create files under {store.root}"))
     finally:
