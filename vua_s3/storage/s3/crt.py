@@ -55,7 +55,7 @@ class CrtTransport:
 
         self._s3 = s3
         parts = urlsplit(bucket_url)
-        self._https = parts.scheme == "https"
+        https = parts.scheme == "https"
         self._host = parts.netloc
         self._base = parts.path.rstrip("/") + "/"
         self._credentials = credentials
@@ -67,7 +67,7 @@ class CrtTransport:
             region=region, credential_provider=auth.AwsCredentialsProvider.new_delegate(self._current_credentials)
         )
         tls_options = None
-        if self._https:
+        if https:
             tls = io.TlsContextOptions()
             tls.verify_peer = verify
             if ca_bundle and verify:
@@ -87,7 +87,7 @@ class CrtTransport:
         )
         self._client = s3.S3Client(
             region=region,
-            tls_mode=s3.S3RequestTlsMode.ENABLED if self._https else s3.S3RequestTlsMode.DISABLED,
+            tls_mode=s3.S3RequestTlsMode.ENABLED if https else s3.S3RequestTlsMode.DISABLED,
             tls_connection_options=tls_options,
             signing_config=self._signing,
             part_size=part_size,
@@ -110,7 +110,7 @@ class CrtTransport:
     def _path(self, name: str) -> str:
         return self._base + quote(name, safe="/~")
 
-    def signs_payloads_of(self, size: int) -> bool:
+    def can_put(self, size: int) -> bool:
         """Whether a PUT of ``size`` bytes can go this way: the C client cannot sign the
         payload of a multipart upload, so those go through botocore when signing is on."""
         return not self._sign_payload or size <= self._multipart_threshold
@@ -189,9 +189,11 @@ class CrtTransport:
         except asyncio.CancelledError:
             request.cancel()
             await asyncio.wait([done])
+            if not done.cancelled():
+                done.exception()  # the request's "cancelled" error, taken so it is not reported
             raise
         except Exception as exc:
-            raise _botocore_error(exc, operation) from None
+            raise _botocore_error(exc, operation, self._host) from None
 
     async def close(self) -> None:
         """Release the client and wait (briefly) for its threads to wind down."""
@@ -213,7 +215,7 @@ def _sha256(segments: Sequence[memoryview]) -> str:
     return digest.hexdigest()
 
 
-def _botocore_error(exc: BaseException, operation: str) -> Exception:
+def _botocore_error(exc: BaseException, operation: str, host: str) -> Exception:
     """The C client's failure as the botocore error the store already maps: an S3 answer
     as ``ClientError`` (its code from the XML body), anything else as a connection error."""
     status = getattr(exc, "status_code", None)
@@ -225,5 +227,5 @@ def _botocore_error(exc: BaseException, operation: str) -> Exception:
         answer: Exception = ClientError(response, operation)
         return answer
     name = getattr(exc, "name", type(exc).__name__)
-    failure: Exception = BotoConnectionError(error=f"{name}: {getattr(exc, 'message', exc)}")
+    failure: Exception = BotoConnectionError(error=f"{name} ({host}): {getattr(exc, 'message', exc)}")
     return failure

@@ -271,7 +271,7 @@ class S3Store(Store):
         size = sum(len(s) for s in segments)
         await self._client()
         crt = self._crt
-        if crt is not None and size and crt.signs_payloads_of(size):  # empty bodies: as in get_into
+        if crt is not None and size and crt.can_put(size):  # empty bodies: as in get_into
             await self._call("put_object", key, lambda _: crt.put(name, segments, size))
             return
         if size <= self.settings.multipart_threshold:
