@@ -264,11 +264,14 @@ def _measure(
 
     results: dict[str, list[Sample]] = {}
 
+    def record(name: str, sample: Sample) -> None:
+        results.setdefault(name, []).append(sample)
+        progress.step(name)
+
     def timed(name: str, fn: Callable[..., _T], *args: Any, **kwargs: Any) -> _T:
         with counter.measure() as sample:
             out = fn(*args, **kwargs)
-        results.setdefault(name, []).append(sample)
-        progress.step(name)
+        record(name, sample)
         return out
 
     checks: dict[str, Any] = {}
@@ -300,8 +303,7 @@ def _measure(
             timed("awscrt_get_reused", clients.crt.get, client_keys, sizes, reused)
         timed("page_faults", _touch_fresh, sum(sizes))
         if options.cold:
-            results.setdefault("get_cold", []).append(_cold_get(url, cfg, rows[0], salt, options))
-            progress.step("get_cold")
+            record("get_cold", _cold_get(url, cfg, rows[0], salt, options))
         for kind, query in (("full", rows[0]), ("half", half), ("miss", rows[0] + 1), ("long", longer)):
             forget()
             checks[f"lookup_{kind}"] = timed(f"lookup_{kind}", vua.lookup, query, salt=salt)
@@ -309,7 +311,7 @@ def _measure(
             timed("floor_head", loop.run, floor.head(floor_keys[0]))
         loop.run(floor.delete(floor_keys + client_keys))
         loop.run(_delete(floor.store, [k for row in rows for k in cfg.tokens_to_paths(row, salt=salt)]))
-    posix_dir = _measure_posix(cfg, tokens, kv, whole, sizes, options, timed, checks) if options.posix else None
+    posix_dir = _measure_posix(cfg, tokens, kv, whole, sizes, options, timed, record, checks) if options.posix else None
 
     report: dict[str, Any] = {"vua": {}, "floor": {}, "clients": {}, "posix": {}, "ratios": {}, "checks": checks}
     for name, samples in results.items():
@@ -415,6 +417,7 @@ def _measure_posix(
     sizes: list[int],
     options: BenchOptions,
     timed: Callable[..., Any],
+    record: Callable[[str, Sample], None],
     checks: dict[str, Any],
 ) -> str:
     """vua_s3 on a POSIX directory beside the file floors and the original VUA, same KV;
@@ -439,7 +442,7 @@ def _measure_posix(
                 del got
                 timed("posixfloor_get", file_get, root, floor_keys, sizes)
                 if options.cold:
-                    timed("posixvua_get_cold", _cold_get, os.path.join(root, "vua"), cfg, rows[0], salt, options)
+                    record("posixvua_get_cold", _cold_get(os.path.join(root, "vua"), cfg, rows[0], salt, options))
                 loaded = timed("original_get", _original_get, original, rows)
                 checks["original_get_tokens"] = sum(x[0][0].size(2) if x else 0 for x in loaded)
                 del loaded
