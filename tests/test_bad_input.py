@@ -28,7 +28,7 @@ async def listing(location: str) -> dict[str, int]:
         (torch.zeros(1, 1, 32, dtype=torch.long), random_kvcache(seq_len=32), ValueError, "shape"),
         (torch.rand(32), random_kvcache(seq_len=32), TypeError, "integer token ids"),
         (torch.arange(30), random_kvcache(seq_len=30), SplitFactorError, "not a multiple of split_factor=16"),
-        (torch.arange(32), random_kvcache(seq_len=48), ValueError, "seq_len 48 but tokens have 32"),
+        (torch.arange(32), random_kvcache(seq_len=16), ValueError, "seq_len 16 but tokens have 32"),
         (torch.arange(32), random_kvcache(seq_len=32, batch=2), ValueError, "batch 2 but tokens have 1"),
         (torch.arange(0), random_kvcache(seq_len=0), ValueError, "empty"),
         (torch.arange(32) - 5, random_kvcache(seq_len=32), ValueError, "non-negative"),

@@ -11,6 +11,7 @@ import pytest
 from conftest import unique_prefix
 
 from vua_s3.cli.main import main
+from vua_s3.storage.s3.settings import crt_installed
 
 FIGURE = {"seconds", "requests"}
 RATE = {"gib_per_s", "cpu_s_per_gib"}
@@ -51,8 +52,37 @@ def test_bench_json_has_every_figure_beside_its_floor(server: str, capsys, reque
         "lookup_full": 64,
         "lookup_half": 32,
         "lookup_miss": 0,
+        "lookup_long": 64,  # 12 groups asked, the first 4 stored
+        "posix_get_tokens": 64,
+        "original_get_tokens": 64,
     }
-    assert set(report["ratios"]) >= {"put_vs_floor", "get_cpu_vs_floor", "lookup_full_vs_head", "lookup_miss_vs_head"}
+    assert vua["lookup_long"]["requests"] == {"head_object": 12}
+    assert set(vua["get_cold"]) >= RATE  # a new process's first get_closest
+    assert set(floor["page_faults"]) >= RATE
+    clients = report["clients"]
+    assert set(clients) == ({"s3transfer", "awscrt"} if crt_installed() else {"s3transfer"})
+    for client, figures in clients.items():
+        for name in ("put", "get", "get_reused") if client == "awscrt" else ("put", "get"):
+            assert set(figures[name]) >= RATE and len(figures[name]["seconds"]["samples"]) == 2
+    posix = report["posix"]
+    for side, names in (("vua", ("put", "get", "get_cold")), ("floor", ("put", "get")), ("original", ("put", "get"))):
+        for name in names:
+            assert set(posix[side][name]) >= RATE, (side, name)
+    assert report["transport"] == ("crt" if crt_installed() else "aiobotocore")
+    assert report["load_average"]["start"] and report["peak_rss_mib"] > 0
+    assert set(report["ratios"]) >= {
+        "put_vs_floor",
+        "get_cpu_vs_floor",
+        "lookup_full_vs_head",
+        "lookup_miss_vs_head",
+        "lookup_long_vs_head",
+        "put_vs_s3transfer",
+        "get_cpu_vs_s3transfer",
+        "posix_put_vs_floor",
+        "posix_get_vs_floor",
+        "posix_put_vs_original",
+        "posix_get_vs_original",
+    }
 
 
 def test_bench_table_names_the_floor(capsys) -> None:  # type: ignore[no-untyped-def]
@@ -60,4 +90,5 @@ def test_bench_table_names_the_floor(capsys) -> None:  # type: ignore[no-untyped
     assert main([*argv, "--repeats", "1"]) == 0
     out = capsys.readouterr().out
     assert "floor (plain aioboto3)" in out and "get_closest -> cpu" in out and "lookup (miss)" in out
+    assert "s3transfer put" in out and "page faults of fresh memory" in out and "original VUA" in out
     assert "machine:" in out

@@ -11,9 +11,11 @@ import pytest
 import torch
 from conftest import assert_kv_equal, random_kvcache, unique_prefix
 
-from vua_s3 import VUA, VUAConfig, open_store
+from vua_s3 import VUA, ObjectNotFoundError, VUAConfig, open_store
 from vua_s3 import fragment as fragment_format
+from vua_s3.errors import SizeMismatchError
 from vua_s3.storage import Store
+from vua_s3.storage.posix import PosixStore
 from vua_s3.storage.s3 import S3Store
 from vua_s3.storage.s3.body import SegmentBody, cut
 from vua_s3.testing.moto import free_port
@@ -173,3 +175,38 @@ def test_heads_go_direct_and_fall_back_to_botocore(location: str) -> None:
             return lc.direct is not None and lc.direct.enabled
 
         assert not vua._loop.run(direct_enabled())  # turned off after the connection failure
+
+
+def test_put_stores_the_leading_positions_of_a_longer_kvcache(location: str) -> None:
+    """As the original VUA: tokens trimmed to the split factor, the KV of the whole prompt."""
+    kv = random_kvcache(seq_len=80)
+    with VUA(CFG, location) as vua:
+        assert vua.put(TOKENS, kv) == 4
+        res = vua.get_closest(TOKENS)
+        with pytest.raises(ValueError, match="seq_len 48 but tokens have 64"):
+            vua.put(TOKENS, [(k[:, :, :48], v[:, :, :48]) for k, v in kv])
+    assert res is not None and res.tokens.numel() == 64
+    assert_kv_equal(res.data, [(k[:, :, :64], v[:, :, :64]) for k, v in kv])
+
+
+def test_posix_reads_into_the_callers_buffer_and_writes_segments_unjoined(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """``put_segments`` writes many views with ``writev`` (more than IOV_MAX of them here);
+    ``get_into`` fills the caller's buffer and refuses an object of another size."""
+    store = PosixStore(tmp_path)
+    chunks = [bytes([i % 251]) * (i % 7) for i in range(3000)]
+
+    async def scenario() -> None:
+        await store.put_segments("a/b", [memoryview(c) for c in chunks])
+        whole = b"".join(chunks)
+        out = bytearray(len(whole))
+        await store.get_into("a/b", memoryview(out))
+        assert out == whole
+        for size in (len(whole) - 1, len(whole) + 1):
+            with pytest.raises(SizeMismatchError):
+                await store.get_into("a/b", memoryview(bytearray(size)))
+        with pytest.raises(ObjectNotFoundError):
+            await store.get_into("a/none", memoryview(bytearray(1)))
+        assert await store.get("a/b") == whole
+        assert not [p for p in (tmp_path / "a").iterdir() if p.name.startswith(".tmp-")]
+
+    asyncio.run(scenario())

@@ -17,7 +17,7 @@ CFG = VUAConfig(split_factor=256)
 
 def test_large_fragment_goes_through_multipart_and_ranged_reads(moto_server, monkeypatch) -> None:  # type: ignore[no-untyped-def]
     prefix = unique_prefix()
-    url = moto_server.url(prefix) + "&multipart_threshold=5MiB&part_size=5MiB"
+    url = moto_server.url(prefix) + "&multipart_threshold=5MiB&part_size=5MiB&transport=aiobotocore"  # its ranged reads
     tokens = torch.randint(0, 100_000, (256,))
     kv = random_kvcache(layers=48, seq_len=256, heads=1, head_dim=128, dtype=torch.float32)  # one 12 MiB object
     ranges: list[tuple[int, int | None]] = []

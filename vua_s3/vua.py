@@ -362,10 +362,12 @@ class AsyncVUA:
         """Store every group of ``tokens`` not already stored; return how many were written.
 
         ``tokens`` is ``[n]``, ``[1, n]`` or ``[b, n]`` (a batch, one sequence per row);
-        ``kvcache`` is one ``(K, V)`` per layer, each ``[b, heads, n, head_dim]``; ``n``
-        must be a multiple of ``split_factor``. ``heads`` says which of the model's KV
-        heads ``kvcache`` holds (default: all); each head is one object. A failed upload
-        raises :class:`~vua_s3.errors.StoreError`; groups already written stay valid.
+        ``kvcache`` is one ``(K, V)`` per layer, each ``[b, heads, seq_len, head_dim]`` with
+        ``seq_len >= n``: its first ``n`` positions are stored (as the original VUA did with
+        trimmed tokens); ``n`` must be a multiple of ``split_factor``. ``heads`` says which of
+        the model's KV heads ``kvcache`` holds (default: all); each head is one object. A
+        failed upload raises :class:`~vua_s3.errors.StoreError`; groups already written stay
+        valid.
         """
         rows = _token_rows(tokens)
         _check_kvcache(kvcache, rows)
@@ -814,8 +816,11 @@ def _check_kvcache(kvcache: KVCache, rows: list[torch.Tensor]) -> None:
                 )
             if t.size(0) != batch:
                 raise ValueError(f"kvcache[{layer}] {name} has batch {t.size(0)} but tokens have {batch} sequence(s)")
-            if t.size(2) != seq_len:
-                raise ValueError(f"kvcache[{layer}] {name} has seq_len {t.size(2)} but tokens have {seq_len}")
+            if t.size(2) < seq_len:  # longer is fine: the first seq_len positions are stored
+                raise ValueError(
+                    f"kvcache[{layer}] {name} has seq_len {t.size(2)} but tokens have {seq_len}: "
+                    "it must cover every token"
+                )
             if first is None:
                 first = t
                 fragment.dtype_name(t.dtype)

@@ -69,44 +69,88 @@ def _latency(figure: dict[str, Any]) -> str:
     return f"{s['median'] * 1e3:.1f} ms [{s['min'] * 1e3:.1f}-{s['max'] * 1e3:.1f}]"
 
 
+def _cpu(figure: dict[str, Any]) -> str:
+    return f"{figure['cpu_s_per_gib']['median']:.2f}"
+
+
 def format_report(report: dict[str, Any]) -> str:
-    """The human-readable table: each vua_s3 figure beside its floor and their ratio."""
+    """The human-readable tables: each vua_s3 figure beside its floors and their ratios."""
     shape = report["shape"]
     settings = report["settings"]
+    load = report.get("load_average", {})
     lines = [
         f"vua-s3 bench, {report['date']}",
-        f"machine: {report['machine']}",
-        f"server: {report['server']}",
+        f"machine: {report['machine']}; load average {_loads(load.get('start'))} at start, "
+        f"{_loads(load.get('end'))} at end",
+        f"server: {report['server']}; vua_s3 transport: {report['transport']}",
         f"shape: {shape['name']} ({shape['layers']} layers, {shape['kv_heads']} KV heads, head_dim "
         f"{shape['head_dim']}, {shape['dtype']}); {report['tokens']} tokens x batch {report['batch']}, split factor "
         f"{report['split_factor']}: {report['groups']} objects, {report['bytes_moved'] / GIB:.3f} GiB of KV",
         "settings: " + ", ".join(f"{k}={v}" for k, v in settings.items()),
-        f"median of {report['repeats']} repeats [min-max]; client CPU is this process, all threads",
+        f"median of {report['repeats']} repeats [min-max]; client CPU is this process, all threads; "
+        f"peak RSS {report['peak_rss_mib']:.0f} MiB",
         "",
-        f"{'operation':<22}{'vua_s3':>34}{'floor (plain aioboto3)':>34}{'ratio':>8}{'CPU s/GiB vua/floor':>22}",
+        f"{'operation':<26}{'vua_s3':>32}{'floor (plain aioboto3)':>32}{'ratio':>8}{'CPU s/GiB vua/floor':>22}",
     ]
     vua_r, floor_r, ratios = report["vua"], report["floor"], report["ratios"]
     pairs = [("put (cold)", "put_cold", "put", "put_vs_floor")]
-    pairs += [(f"get_closest -> {d}", f"get_{d}", f"get_{d}", f"get_{d}_vs_floor") for d in ("cpu", "cuda")]
+    pairs += [(f"get_closest -> {d} (warm)", f"get_{d}", f"get_{d}", f"get_{d}_vs_floor") for d in ("cpu", "cuda")]
     for label, mine, base, ratio in pairs:
         if mine not in vua_r:
             continue
-        cpu = f"{vua_r[mine]['cpu_s_per_gib']['median']:.2f}/{floor_r[base]['cpu_s_per_gib']['median']:.2f}"
-        lines.append(f"{label:<22}{_rate(vua_r[mine]):>34}{_rate(floor_r[base]):>34}{ratios[ratio]:>7.2f}x{cpu:>22}")
+        cpu = f"{_cpu(vua_r[mine])}/{_cpu(floor_r[base])}"
+        lines.append(f"{label:<26}{_rate(vua_r[mine]):>32}{_rate(floor_r[base]):>32}{ratios[ratio]:>7.2f}x{cpu:>22}")
+    if "get_cold" in vua_r:
+        cold = vua_r["get_cold"]
+        lines.append(f"{'get_closest, new process':<26}{_rate(cold):>32}{'':>32}{'':>8}{_cpu(cold):>22}")
     head = _latency(floor_r["head"])
     for label, mine, ratio in [
         ("put (already stored)", "put_stored", "put_stored_vs_head"),
         ("lookup (full hit)", "lookup_full", "lookup_full_vs_head"),
         ("lookup (half hit)", "lookup_half", "lookup_half_vs_head"),
         ("lookup (miss)", "lookup_miss", "lookup_miss_vs_head"),
+        ("lookup (3x groups, 1/3 hit)", "lookup_long", "lookup_long_vs_head"),
     ]:
         requests = ", ".join(f"{v} {k}" for k, v in sorted(vua_r[mine]["requests"].items())) or "no requests"
         floor_text = head + " (1 HEAD)"
-        lines.append(f"{label:<22}{_latency(vua_r[mine]):>34}{floor_text:>34}{ratios[ratio]:>7.2f}x  {requests}")
+        lines.append(f"{label:<26}{_latency(vua_r[mine]):>32}{floor_text:>32}{ratios[ratio]:>7.2f}x  {requests}")
     cached = vua_r["put_stored_cached"]
     requests = ", ".join(f"{v} {k}" for k, v in sorted(cached["requests"].items())) or "no requests"
-    lines.append(f"{'put (stored, cached)':<22}{_latency(cached):>34}{'':>34}{'':>8}  {requests}")
+    lines.append(f"{'put (stored, cached)':<26}{_latency(cached):>32}{'':>32}{'':>8}  {requests}")
+    lines += ["", f"{'same objects, other client':<40}{'throughput':>32}{'CPU s/GiB':>12}{'vua_s3 / it':>14}"]
+    for client, figures in report["clients"].items():
+        rows: list[tuple[str, str, str | None]] = [
+            ("put", "put", f"put_vs_{client}"),
+            ("get into a fresh tensor", "get", f"get_cpu_vs_{client}"),
+            ("get into a reused buffer", "get_reused", None),
+        ]
+        for label, name, versus in rows:
+            if name in figures:
+                text = f"{ratios[versus]:.2f}x" if versus else ""
+                lines.append(f"{client + ' ' + label:<40}{_rate(figures[name]):>32}{_cpu(figures[name]):>12}{text:>14}")
+    lines.append(f"{'page faults of fresh memory (touch once)':<40}{'':>32}{_cpu(floor_r['page_faults']):>12}")
+    posix = report["posix"]
+    if posix:
+        lines += [
+            "",
+            f"{'POSIX (' + report.get('posix_dir', '') + ')':<26}{'vua_s3':>32}{'file floor':>32}"
+            f"{'original VUA':>32}{'vs floor':>10}{'vs orig.':>10}{'CPU s/GiB vua/floor/orig.':>28}",
+        ]
+        for verb, label in (("put", "put"), ("get", "get_closest -> cpu")):
+            mine, base, orig = posix["vua"][verb], posix["floor"][verb], posix["original"][verb]
+            cpu = f"{_cpu(mine)}/{_cpu(base)}/{_cpu(orig)}"
+            lines.append(
+                f"{label:<26}{_rate(mine):>32}{_rate(base):>32}{_rate(orig):>32}"
+                f"{ratios[f'posix_{verb}_vs_floor']:>9.2f}x{ratios[f'posix_{verb}_vs_original']:>9.2f}x{cpu:>28}"
+            )
+        if "get_cold" in posix["vua"]:
+            cold = posix["vua"]["get_cold"]
+            lines.append(f"{'get_closest, new process':<26}{_rate(cold):>32}{'':>32}{'':>32}{'':>20}{_cpu(cold):>28}")
     return "\n".join(lines)
+
+
+def _loads(values: list[float] | None) -> str:
+    return "/".join(f"{v:.2f}" for v in values) if values else "?"
 
 
 def checks_pass(report: dict[str, Any]) -> bool:
@@ -114,8 +158,8 @@ def checks_pass(report: dict[str, Any]) -> bool:
     checks = report["checks"]
     full = report["tokens"] * report["batch"]
     ok = checks["put_written"] == report["groups"] and checks["reput_written"] == 0
-    ok &= all(checks[k] == full for k in checks if k.startswith("get_"))
-    ok &= checks["lookup_full"] == report["tokens"] and checks["lookup_miss"] == 0
+    ok &= all(checks[k] == full for k in checks if k.endswith("get_tokens"))
+    ok &= checks["lookup_full"] == report["tokens"] == checks["lookup_long"] and checks["lookup_miss"] == 0
     split = report["split_factor"]
     ok &= checks["lookup_half"] == report["tokens"] // 2 // split * split
     if not ok:

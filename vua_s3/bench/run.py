@@ -13,7 +13,14 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import json
 import logging
+import os
+import resource
+import shutil
+import subprocess
+import sys
+import tempfile
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
@@ -30,9 +37,12 @@ from ..logsafe import redact_url
 from ..loop import BackgroundLoop, gather_or_cancel
 from ..shapes import ModelShape
 from ..storage.s3 import S3Settings, S3Store
+from ..storage.s3.settings import crt_installed
 from ..testing.moto import EMBEDDED_CREDENTIALS
 from ..vua import VUA, ClosestKV
 from .baseline import Floor, floor_get, floor_put
+from .clients import CrtClient, TransferClient
+from .posix import OriginalVUA, file_get, file_put
 from .report import Sample, describe_machine, summarize
 
 _T = TypeVar("_T")
@@ -67,6 +77,10 @@ class BenchOptions:
     server: str = "auto"
     s3_options: dict[str, str] = field(default_factory=dict)
     progress: bool = False
+    posix_dir: str | None = None
+    """Where the POSIX rows run (a fresh directory is made inside); ``None``: /dev/shm, else the temp dir."""
+    posix: bool = True
+    cold: bool = True
 
 
 class _Progress:
@@ -139,8 +153,9 @@ def run_bench(options: BenchOptions) -> dict[str, Any]:
     groups = n // options.split_factor
     moved = shape.bytes_per_token * n * batch
     devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
-    steps = options.repeats * (10 + len(devices) * 2) + 1
+    steps = options.repeats * (22 + len(devices) * 2) + 1
     progress = _Progress(options.progress, steps)
+    load_start = os.getloadavg()
     vua_options = {} if options.max_inflight is None else {"max_inflight": options.max_inflight}
     try:
         with _server(options) as (url, session, where):
@@ -151,9 +166,11 @@ def run_bench(options: BenchOptions) -> dict[str, Any]:
             floor = Floor(S3Store.from_url(url, session=session), session)
             with VUA(cfg, store, **vua_options) as vua:
                 loop.run(floor.open())
+                clients = _Clients(floor.store, session, loop)
                 try:
-                    report = _measure(vua, floor, loop, counter, tokens, kv, devices, options, progress)
+                    report = _measure(vua, floor, clients, loop, counter, tokens, kv, devices, options, progress, url)
                 finally:
+                    clients.close()
                     loop.run(floor.close())
                     loop.stop()
     finally:
@@ -162,6 +179,8 @@ def run_bench(options: BenchOptions) -> dict[str, Any]:
         {
             "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "machine": describe_machine(),
+            "load_average": {"start": list(load_start), "end": list(os.getloadavg())},
+            "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
             "server": where,
             "shape": {
                 "name": shape.name,
@@ -181,6 +200,7 @@ def run_bench(options: BenchOptions) -> dict[str, Any]:
                 "part_size": store.settings.part_size,
                 "multipart_threshold": store.settings.multipart_threshold,
                 "checksum": store.settings.checksum,
+                "payload_signing": store.settings.payload_signing,
                 "max_inflight": vua._async._max_inflight,
             },
         }
@@ -188,9 +208,32 @@ def run_bench(options: BenchOptions) -> dict[str, Any]:
     return report
 
 
+class _Clients:
+    """The other S3 clients of the comparison, on the store's server and credentials."""
+
+    def __init__(self, store: S3Store, session: aioboto3.Session, loop: BackgroundLoop) -> None:
+        credentials = loop.run(_frozen_credentials(session))
+        self.transfer = TransferClient(store, credentials)
+        loop.run(store.head_many(["bench-connect"]))  # connects: resolves the bucket URL the C client needs
+        self.crt = CrtClient(store, credentials) if crt_installed() and store.bucket_url else None
+
+    def close(self) -> None:
+        self.transfer.close()
+        if self.crt is not None:
+            self.crt.close()
+
+
+async def _frozen_credentials(session: aioboto3.Session) -> Any:
+    credentials = await session.get_credentials()
+    if credentials is None:
+        raise RuntimeError("no AWS credentials found for the bench")
+    return await credentials.get_frozen_credentials()
+
+
 def _measure(
     vua: VUA,
     floor: Floor,
+    clients: _Clients,
     loop: BackgroundLoop,
     counter: _Meter,
     tokens: torch.Tensor,
@@ -198,6 +241,7 @@ def _measure(
     devices: list[str],
     options: BenchOptions,
     progress: _Progress,
+    url: str,
 ) -> dict[str, Any]:
     cfg = vua.config()
     batch, n = tokens.shape
@@ -213,26 +257,38 @@ def _measure(
     sizes = [info.size for info in infos if info is not None]
     assert len(sizes) == len(keys)
     payload = torch.randint(0, 256, (max(sizes),), dtype=torch.uint8, generator=torch.Generator().manual_seed(2))
-    bodies = [floor.prepare(payload[:size].numpy().tobytes()) for size in sizes]
+    whole = [payload[:size].numpy().tobytes() for size in sizes]
+    bodies = [floor.prepare(body) for body in whole]
+    reused = torch.empty(sum(sizes), dtype=torch.uint8)
+    reused.fill_(0)  # faulted in once, before the clock
     progress.step("prepared")
 
     results: dict[str, list[Sample]] = {}
 
+    def record(name: str, sample: Sample) -> None:
+        results.setdefault(name, []).append(sample)
+        progress.step(name)
+
     def timed(name: str, fn: Callable[..., _T], *args: Any, **kwargs: Any) -> _T:
         with counter.measure() as sample:
             out = fn(*args, **kwargs)
-        results.setdefault(name, []).append(sample)
-        progress.step(name)
+        record(name, sample)
         return out
 
     checks: dict[str, Any] = {}
     half = torch.cat([rows[0][: n // 2], rows[0][n // 2 :] + 1])
+    # Three times the groups, the first third stored: a long prompt that starts with a stored one.
+    longer = torch.cat([rows[0], torch.randint(0, 128_000, (2 * n,), generator=torch.Generator().manual_seed(3))])
     for rep in range(options.repeats):
         salt = f"r{rep}-{time.time_ns()}"
         floor_keys = [f"floor/{salt}/{i}" for i in range(len(sizes))]
+        client_keys = [f"clients/{salt}/{i}" for i in range(len(sizes))]
         forget()
         checks["put_written"] = timed("put_cold", vua.put, tokens, kv, salt=salt)
         timed("floor_put", loop.run, floor_put(floor, floor_keys, bodies))
+        timed("s3transfer_put", clients.transfer.put, client_keys, whole)
+        if clients.crt is not None:
+            timed("awscrt_put", clients.crt.put, client_keys, whole)
         forget()
         checks["reput_written"] = timed("put_stored", vua.put, tokens, kv, salt=salt)
         timed("put_stored_cached", vua.put, tokens, kv, salt=salt)
@@ -242,34 +298,168 @@ def _measure(
             checks[f"get_{device}_tokens"] = sum(0 if g is None else g.tokens.numel() for g in got)
             del got
             timed(f"floor_get_{device}", loop.run, floor_get(floor, floor_keys, sizes))
-        for kind, query in (("full", rows[0]), ("half", half), ("miss", rows[0] + 1)):
+        timed("s3transfer_get", clients.transfer.get, client_keys, sizes)
+        if clients.crt is not None:
+            timed("awscrt_get", clients.crt.get, client_keys, sizes)
+            timed("awscrt_get_reused", clients.crt.get, client_keys, sizes, reused)
+        timed("page_faults", _touch_fresh, sum(sizes))
+        if options.cold:
+            record("get_cold", _cold_get(url, cfg, rows[0], salt, options))
+        for kind, query in (("full", rows[0]), ("half", half), ("miss", rows[0] + 1), ("long", longer)):
             forget()
             checks[f"lookup_{kind}"] = timed(f"lookup_{kind}", vua.lookup, query, salt=salt)
         for _ in range(3):
             timed("floor_head", loop.run, floor.head(floor_keys[0]))
-        loop.run(floor.delete(floor_keys))
+        loop.run(floor.delete(floor_keys + client_keys))
         loop.run(_delete(floor.store, [k for row in rows for k in cfg.tokens_to_paths(row, salt=salt, kv_heads=heads)]))
+    posix_dir = _measure_posix(cfg, tokens, kv, whole, sizes, options, timed, record, checks) if options.posix else None
 
-    report: dict[str, Any] = {"vua": {}, "floor": {}, "ratios": {}, "checks": checks}
+    report: dict[str, Any] = {"vua": {}, "floor": {}, "clients": {}, "posix": {}, "ratios": {}, "checks": checks}
     for name, samples in results.items():
-        side = "floor" if name.startswith("floor_") else "vua"
-        label = name.removeprefix("floor_")
-        figure = summarize(samples, moved if label in ("put_cold", "put") or label.startswith("get") else 0)
-        if side == "floor":
+        section, label = _section(name)
+        figure = summarize(samples, moved if _moves_data(label) else 0)
+        if section != "vua":
             del figure["requests"]  # counted on vua_s3's store only
-        report[side][label] = figure
-    vua_r, floor_r = report["vua"], report["floor"]
-    ratios = report["ratios"]
-    ratios["put_vs_floor"] = vua_r["put_cold"]["gib_per_s"]["median"] / floor_r["put"]["gib_per_s"]["median"]
+        target = report[section] if section in ("vua", "floor") else report[section.split("/")[0]]
+        if "/" in section:
+            target = target.setdefault(section.split("/")[1], {})
+        target[label] = figure
+    report["ratios"] = _ratios(report, devices)
+    report["transport"] = getattr(vua.store, "transport", "aiobotocore")
+    if posix_dir is not None:
+        report["posix_dir"] = posix_dir
+    return report
+
+
+def _section(name: str) -> tuple[str, str]:
+    """Where a measurement goes in the report, and its label there."""
+    for prefix, section in (
+        ("floor_", "floor"),
+        ("s3transfer_", "clients/s3transfer"),
+        ("awscrt_", "clients/awscrt"),
+        ("posixvua_", "posix/vua"),
+        ("posixfloor_", "posix/floor"),
+        ("original_", "posix/original"),
+    ):
+        if name.startswith(prefix):
+            return section, name.removeprefix(prefix)
+    if name == "page_faults":
+        return "floor", name
+    return "vua", name
+
+
+def _moves_data(label: str) -> bool:
+    return label in ("put_cold", "put", "page_faults") or label.startswith("get")
+
+
+def _ratios(report: dict[str, Any], devices: list[str]) -> dict[str, float]:
+    vua_r, floor_r, clients, posix = report["vua"], report["floor"], report["clients"], report["posix"]
+
+    def rate(figure: dict[str, Any]) -> float:
+        return float(figure["gib_per_s"]["median"])
+
+    ratios = {"put_vs_floor": rate(vua_r["put_cold"]) / rate(floor_r["put"])}
     for device in devices:
-        ratios[f"get_{device}_vs_floor"] = (
-            vua_r[f"get_{device}"]["gib_per_s"]["median"] / floor_r[f"get_{device}"]["gib_per_s"]["median"]
-        )
+        ratios[f"get_{device}_vs_floor"] = rate(vua_r[f"get_{device}"]) / rate(floor_r[f"get_{device}"])
+    for client, figures in clients.items():
+        ratios[f"put_vs_{client}"] = rate(vua_r["put_cold"]) / rate(figures["put"])
+        ratios[f"get_cpu_vs_{client}"] = rate(vua_r["get_cpu"]) / rate(figures["get"])
     head = floor_r["head"]["seconds"]["median"]
-    for kind in ("full", "half", "miss"):
+    for kind in ("full", "half", "miss", "long"):
         ratios[f"lookup_{kind}_vs_head"] = vua_r[f"lookup_{kind}"]["seconds"]["median"] / head
     ratios["put_stored_vs_head"] = vua_r["put_stored"]["seconds"]["median"] / head
-    return report
+    if posix:
+        for verb in ("put", "get"):
+            ratios[f"posix_{verb}_vs_floor"] = rate(posix["vua"][verb]) / rate(posix["floor"][verb])
+            ratios[f"posix_{verb}_vs_original"] = rate(posix["vua"][verb]) / rate(posix["original"][verb])
+    return ratios
+
+
+def _touch_fresh(size: int) -> None:
+    """What fresh memory costs: a new buffer of ``size`` bytes, written once (page faults)."""
+    torch.empty(size, dtype=torch.uint8).fill_(1)
+
+
+def _cold_get(url: str, cfg: VUAConfig, row: torch.Tensor, salt: str, options: BenchOptions) -> Sample:
+    """The first ``get_closest`` of a fresh process (see ``cold.py``)."""
+    with tempfile.TemporaryDirectory(prefix="vua-s3-bench-") as tmp:
+        torch.save(row.clone(), os.path.join(tmp, "tokens.pt"))
+        spec = {
+            "location": url,
+            "split_factor": cfg.split_factor,
+            "namespace": cfg.namespace,
+            "salt": salt,
+            "tokens": os.path.join(tmp, "tokens.pt"),
+        }
+        with open(os.path.join(tmp, "spec.json"), "w") as file:
+            json.dump(spec, file)
+        env = dict(os.environ)
+        if not options.url:
+            env.update({k.upper(): v for k, v in EMBEDDED_CREDENTIALS.items()})
+        done = subprocess.run(
+            [sys.executable, "-m", f"{__package__}.cold", os.path.join(tmp, "spec.json")],
+            capture_output=True,
+            text=True,
+            env=env,
+            timeout=600,
+            check=True,
+        )
+    figure = json.loads(done.stdout.strip().splitlines()[-1])
+    if figure["tokens"] != row.numel():
+        raise RuntimeError(f"the cold get found {figure['tokens']} of {row.numel()} tokens")
+    return Sample(figure["seconds"], figure["cpu"], Counter())
+
+
+def _measure_posix(
+    cfg: VUAConfig,
+    tokens: torch.Tensor,
+    kv: list[tuple[torch.Tensor, torch.Tensor]],
+    whole: list[bytes],
+    sizes: list[int],
+    options: BenchOptions,
+    timed: Callable[..., Any],
+    record: Callable[[str, Sample], None],
+    checks: dict[str, Any],
+) -> str:
+    """vua_s3 on a POSIX directory beside the file floors and the original VUA, same KV;
+    returns the directory the store's was made in."""
+    parent = options.posix_dir or ("/dev/shm" if os.path.isdir("/dev/shm") else tempfile.gettempdir())
+    root = tempfile.mkdtemp(prefix="vua-s3-bench-posix-", dir=parent)
+    rows = list(tokens.unbind(0))
+    try:
+        floor_keys = [f"floor-{i}" for i in range(len(sizes))]
+        with VUA(cfg, os.path.join(root, "vua")) as vua:
+            for rep in range(options.repeats):
+                salt = f"posix-r{rep}"
+                original = OriginalVUA(os.path.join(root, f"original-{rep}"), cfg.split_factor)
+                os.makedirs(os.path.join(root, f"original-{rep}"))
+                vua._async._known.clear()
+                timed("posixvua_put", vua.put, tokens, kv, salt=salt)
+                timed("posixfloor_put", file_put, root, floor_keys, whole)
+                timed("original_put", _original_put, original, rows, kv)
+                vua._async._known.clear()
+                got = timed("posixvua_get", vua.get_closest, rows, "cpu", salt=salt)
+                checks["posix_get_tokens"] = sum(0 if g is None else g.tokens.numel() for g in got)
+                del got
+                timed("posixfloor_get", file_get, root, floor_keys, sizes)
+                if options.cold:
+                    record("posixvua_get_cold", _cold_get(os.path.join(root, "vua"), cfg, rows[0], salt, options))
+                loaded = timed("original_get", _original_get, original, rows)
+                checks["original_get_tokens"] = sum(x[0][0].size(2) if x else 0 for x in loaded)
+                del loaded
+                shutil.rmtree(os.path.join(root, f"original-{rep}"))
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+    return parent
+
+
+def _original_put(original: OriginalVUA, rows: list[torch.Tensor], kv: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+    for row, sequence in enumerate(rows):
+        original.put(sequence, [(k[row : row + 1], v[row : row + 1]) for k, v in kv])
+
+
+def _original_get(original: OriginalVUA, rows: list[torch.Tensor]) -> list[Any]:
+    return [original.get_closest(row) for row in rows]
 
 
 async def _delete(store: S3Store, keys: list[str]) -> None:

@@ -42,6 +42,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--part-size", help="S3 part and range size, e.g. 16MiB")
     p.add_argument("--multipart-threshold", help="objects above this go in parts, e.g. 64MiB")
     p.add_argument("--max-inflight", type=int, help="fragments encoded or decoded at once (AsyncVUA max_inflight)")
+    p.add_argument("--transport", choices=["auto", "crt", "aiobotocore"], help="S3 data path (the URL's transport)")
+    p.add_argument(
+        "--payload-signing", choices=["auto", "on", "off"], help="S3 body signing (the URL's payload_signing)"
+    )
+    p.add_argument("--posix-dir", help="where the POSIX rows run (default /dev/shm, else the temp dir)")
+    p.add_argument("--no-posix", action="store_true", help="skip the POSIX rows")
+    p.add_argument("--no-cold", action="store_true", help="skip the new-process get_closest")
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--json", action="store_true", help="print the report as JSON, nothing else")
 
@@ -62,6 +69,8 @@ def bench(args: argparse.Namespace) -> int:
             ("concurrency", args.concurrency),
             ("part_size", args.part_size),
             ("multipart_threshold", args.multipart_threshold),
+            ("transport", args.transport),
+            ("payload_signing", args.payload_signing),
         )
         if value is not None
     }
@@ -76,6 +85,9 @@ def bench(args: argparse.Namespace) -> int:
         server=args.server,
         s3_options=s3_options,
         progress=not args.json and sys.stderr.isatty(),
+        posix_dir=args.posix_dir,
+        posix=not args.no_posix,
+        cold=not args.no_cold,
     )
     report = run_bench(options)
     print(json.dumps(report, indent=2) if args.json else format_report(report))

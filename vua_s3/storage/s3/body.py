@@ -18,8 +18,9 @@ class SegmentBody(Payload):
     """A request body sent straight from many buffers (views of tensor memory): no join.
 
     aiohttp writes it segment by segment; to botocore it is a seekable file (which it
-    measures, and over plain HTTP hashes for the signature, then rewinds on a retry).
-    aiohttp's file payloads would instead read it in 256 KiB copies, each on a thread.
+    measures, and over plain HTTP hashes for the signature, then rewinds on a retry);
+    the awscrt client ``readinto``s its part buffers from it. aiohttp's file payloads
+    would instead read it in 256 KiB copies, each on a thread.
     """
 
     def __init__(self, segments: Sequence[memoryview]) -> None:
@@ -44,6 +45,18 @@ class SegmentBody(Payload):
         chunk = segment[self._offset : stop]
         self._offset = stop
         return chunk
+
+    def readinto(self, target: Any) -> int:
+        """Fill ``target`` from the segments, several a call; 0 at the end."""
+        view = memoryview(target).cast("B")
+        filled = 0
+        while filled < len(view):
+            chunk = self.read(len(view) - filled)
+            if not chunk:
+                break
+            view[filled : filled + len(chunk)] = chunk
+            filled += len(chunk)
+        return filled
 
     def tell(self) -> int:
         return sum(len(s) for s in self._segments[: self._index]) + self._offset

@@ -106,6 +106,14 @@ class S3Settings:
     ``sse_kms_key_id`` or the bucket's default key) or ``sse-c`` (customer key, read
     from the environment variable ``VUA_S3_SSE_C_KEY``, base64; VAST and AWS)."""
     sse_kms_key_id: str | None = None
+    transport: str = "auto"
+    """Data path of object GETs and PUTs: ``crt`` (the AWS Common Runtime's C client,
+    ``pip install 'vua_s3[crt]'``), ``aiobotocore``, or ``auto``: crt when it is installed
+    and the settings allow it (no SSE, no proxy), else aiobotocore."""
+    payload_signing: str = "auto"
+    """``auto`` signs request bodies as botocore does (SHA-256 over plain HTTP, and over
+    HTTPS unless a checksum header goes along); ``off`` sends UNSIGNED-PAYLOAD, for trusted
+    plain-HTTP networks only (README, "Performance"); ``on`` always signs."""
 
     @classmethod
     def from_query(cls, query: str) -> S3Settings:
@@ -130,7 +138,19 @@ class S3Settings:
             raise InvalidLocationError(f"part_size must be at least {MIN_PART_SIZE} bytes (an S3 limit)")
         if settings.sse_kms_key_id and settings.sse != "sse-kms":
             raise InvalidLocationError("sse_kms_key_id needs sse=sse-kms")
+        if settings.transport == "crt":
+            if not crt_installed():
+                raise InvalidLocationError("transport=crt needs awscrt: pip install 'vua_s3[crt]'")
+            if settings.sse != "none":
+                raise InvalidLocationError("transport=crt does not send SSE settings: use transport=aiobotocore")
         return settings
+
+    def signs_payload(self) -> bool:
+        """Whether request bodies are signed, deciding ``auto`` as botocore does."""
+        if self.payload_signing != "auto":
+            return self.payload_signing == "on"
+        https = (self.endpoint_url or "https://").lower().startswith("https://")
+        return not (https and self.checksum == "when_supported")
 
     def client_kwargs(self, **config: Any) -> dict[str, Any]:
         """The arguments of a boto3/aioboto3 ``client("s3", ...)`` call for these settings; the one
@@ -149,7 +169,9 @@ class S3Settings:
             connect_timeout=self.connect_timeout,
             read_timeout=self.read_timeout,
             retries={"total_max_attempts": self.max_attempts, "mode": self.retry_mode},
-            s3={"addressing_style": self.addressing},
+            s3={"addressing_style": self.addressing}
+            if self.payload_signing == "auto"
+            else {"addressing_style": self.addressing, "payload_signing_enabled": self.payload_signing == "on"},
             request_checksum_calculation=self.checksum,
             response_checksum_validation=self.checksum,
         )
@@ -172,6 +194,8 @@ _SETTING_PARSERS: dict[str, Callable[[str], Any]] = {
     "read_timeout": _parse_seconds,
     "sse": _parse_choice("none", "sse-s3", "sse-kms", "sse-c"),
     "sse_kms_key_id": str,
+    "transport": _parse_choice("auto", "crt", "aiobotocore"),
+    "payload_signing": _parse_choice("auto", "on", "off"),
 }
 assert set(_SETTING_PARSERS) == {f.name for f in fields(S3Settings)}
 
@@ -188,3 +212,12 @@ def sse_c_key() -> bytes:
             f"sse=sse-c needs a 256-bit key, base64-encoded, in the environment variable {SSE_C_KEY_ENV}"
         )
     return key
+
+
+def crt_installed() -> bool:
+    """Whether the optional awscrt package (the ``crt`` extra) can be imported."""
+    try:
+        import awscrt.s3  # noqa: F401
+    except ImportError:
+        return False
+    return True

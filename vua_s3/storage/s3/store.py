@@ -1,4 +1,5 @@
-"""The S3 store (AWS S3, VAST, MinIO, Ceph RGW, SeaweedFS) over aioboto3.
+"""The S3 store (AWS S3, VAST, MinIO, Ceph RGW, SeaweedFS) over aioboto3, object data
+over the awscrt C client when it is installed (``crt.py``).
 
 One long-lived client per event loop, its connection pool sized to ``concurrency``,
 and one semaphore bounding every request it makes. Large objects go up as concurrent
@@ -26,9 +27,10 @@ from ...logsafe import redact_url
 from ...loop import gather_or_cancel
 from ..base import Buffer, ObjectInfo, Store
 from .body import SegmentBody, cut, receive
+from .crt import CrtTransport
 from .direct_head import DirectHead
 from .errors import map_error
-from .settings import SSE_C_OPERATIONS, SSE_WRITES, S3Settings, sse_c_key
+from .settings import SSE_C_OPERATIONS, SSE_WRITES, S3Settings, crt_installed, sse_c_key
 
 _T = TypeVar("_T")
 
@@ -64,6 +66,10 @@ class S3Store(Store):
         self.url = f"s3://{bucket}/{self.prefix}" if self.prefix else f"s3://{bucket}"
         self._session = session or aioboto3.Session(profile_name=self.settings.profile)
         self._sse_c_key = sse_c_key() if self.settings.sse == "sse-c" else None
+        self._crt: CrtTransport | None = None
+        self.bucket_url: str | None = None
+        """The bucket's URL as botocore resolved it (endpoint, addressing), once connected."""
+        self.region_name: str | None = None
         self._clients: dict[asyncio.AbstractEventLoop, _LoopClient] = {}
         self._client_lock: dict[asyncio.AbstractEventLoop, asyncio.Lock] = {}
         self.requests: Counter[str] = Counter()
@@ -119,13 +125,41 @@ class S3Store(Store):
                     raise self._error(exc, "head_bucket", "") from None
                 raise
             direct = None
+            if bucket_urls:
+                self.bucket_url, self.region_name = bucket_urls[-1], client.meta.region_name
             credentials = await self._session.get_credentials()
             if bucket_urls and credentials is not None and self._sse_c_key is None and DirectHead.usable():
                 # The bucket's URL as botocore resolved it (endpoint, addressing, region).
                 direct = DirectHead(bucket_urls[-1], client.meta.region_name, credentials, s)
+            if bucket_urls and credentials is not None and self._crt is None and self._uses_crt():
+                self._crt = CrtTransport(
+                    bucket_urls[-1],
+                    client.meta.region_name,
+                    credentials,
+                    part_size=s.part_size,
+                    multipart_threshold=s.multipart_threshold,
+                    max_attempts=s.max_attempts,
+                    connect_timeout=s.connect_timeout,
+                    concurrency=s.concurrency,
+                    verify=s.verify,
+                    ca_bundle=s.ca_bundle,
+                    sign_payload=s.signs_payload(),
+                    checksums=s.checksum == "when_supported",
+                )
             found = _LoopClient(context, client, asyncio.Semaphore(s.concurrency), direct)
             self._clients[loop] = found
             return found
+
+    def _uses_crt(self) -> bool:
+        s = self.settings
+        if s.transport == "auto":
+            return s.sse == "none" and DirectHead.usable() and crt_installed()
+        return s.transport == "crt"
+
+    @property
+    def transport(self) -> str:
+        """The data path in use (``crt`` or ``aiobotocore``), known once the store has connected."""
+        return "crt" if self._crt is not None else "aiobotocore"
 
     async def _after_direct_client(self, lc: _LoopClient) -> Any:
         """A client with one attempt less than the settings allow (at least one), so a HEAD
@@ -190,6 +224,11 @@ class S3Store(Store):
     async def get_into(self, key: str, out: memoryview) -> None:
         name = self.object_key(key)
         size = len(out)
+        await self._client()
+        crt = self._crt
+        if crt is not None and size:  # the C client answers an empty object with 416
+            await self._call("get_object", key, lambda _: crt.get_into(name, out.cast("B")))
+            return
         if size <= self.settings.multipart_threshold:
             await self._call("get_object", key, lambda c: self._read(c, name, out))
             return
@@ -230,6 +269,11 @@ class S3Store(Store):
         name = self.object_key(key)
         segments = [s.cast("B") if s.format != "B" or s.ndim != 1 else s for s in segments]
         size = sum(len(s) for s in segments)
+        await self._client()
+        crt = self._crt
+        if crt is not None and size and crt.can_put(size):  # empty bodies: as in get_into
+            await self._call("put_object", key, lambda _: crt.put(name, segments, size))
+            return
         if size <= self.settings.multipart_threshold:
             body: Any = SegmentBody(segments) if size else b""
             await self._call("put_object", key, lambda c: c.put_object(Bucket=self.bucket, Key=name, Body=body))
@@ -348,6 +392,9 @@ class S3Store(Store):
         )
 
     async def close(self) -> None:
+        crt, self._crt = self._crt, None
+        if crt is not None:
+            await crt.close()
         clients, self._clients = self._clients, {}
         self._client_lock.clear()
         loop = asyncio.get_running_loop()
