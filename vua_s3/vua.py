@@ -7,7 +7,7 @@ import logging
 import os
 import time
 from collections import OrderedDict
-from collections.abc import Awaitable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, NamedTuple, TypeVar, overload
 
 import torch
@@ -375,13 +375,8 @@ class AsyncVUA:
             try:
                 if fetched is None:
                     return False
-                try:
-                    frag = await asyncio.to_thread(fragment.decode, fetched[1])
-                    size = self._config.split_factor
-                    group_tokens = ids[group.number * size : (group.number + 1) * size]
-                    fragment.check_group(frag, self._config.namespace, size, group.number, group.digest, group_tokens)
-                except FragmentError as exc:
-                    log.warning("fragment %s in %s is unusable, treated as a miss: %s", group.key, self._store.url, exc)
+                frag = await self._decode(group, ids, fetched[1])
+                if frag is None:
                     return False
                 placed = await assembly.place(group.number, frag)
                 return placed
@@ -432,14 +427,101 @@ class AsyncVUA:
         return await self._guarded("lookup", self._lookup(tokens, salt), 0)
 
     async def _lookup(self, tokens: torch.Tensor, salt: str | None) -> int:
+        return len(await self._stored_sizes(tokens, salt, 0)) * self._config.split_factor
+
+    async def stored_sizes(self, tokens: torch.Tensor, *, salt: str | None = None, first_group: int = 0) -> list[int]:
+        """The sizes of the stored groups of ``tokens`` from ``first_group`` on, up to the
+        first missing one: a lookup that skips the groups the caller holds itself and
+        tells :meth:`load_groups` what to fetch without probing again."""
+        return await self._guarded("lookup", self._stored_sizes(tokens, salt, first_group), [])
+
+    async def _stored_sizes(self, tokens: torch.Tensor, salt: str | None, first_group: int) -> list[int]:
         trimmed = self._trim(tokens)
         if trimmed is None:
-            return 0
-        groups = self._groups(token_ids(trimmed, self._config.split_factor), salt)
+            return []
+        groups = self._groups(token_ids(trimmed, self._config.split_factor), salt)[first_group:]
         # Always asked: a lookup tells what the store can serve now (an outage, a refusal, an
         # expiry must show), where put and get_closest lose nothing by trusting the cache.
         infos = await self._probe([g.key for g in groups], trust_known=False)
-        return len(_leading_hits(infos)) * self._config.split_factor
+        return [info.size for info in _leading_hits(infos)]
+
+    async def load_groups(
+        self,
+        tokens: torch.Tensor,
+        first_group: int,
+        place: Callable[[int, torch.Tensor], bool],
+        *,
+        sizes: Sequence[int] | None = None,
+        salt: str | None = None,
+        pinned: bool = False,
+    ) -> int:
+        """Fetch the stored groups of ``tokens`` from ``first_group`` on and hand each to
+        ``place(number, kv)`` as it arrives, instead of assembling the whole prefix.
+
+        ``kv`` is the fragment's ``[layers, 2, heads, split_factor, head_dim]`` in a pooled
+        (``pinned``: page-locked) host buffer, valid only during the call, which runs in a
+        worker thread and returns whether the group was used. ``sizes`` (from
+        :meth:`stored_sizes`) saves the probe. Returns how many leading groups from
+        ``first_group`` were fetched, checked and placed; every call to ``place`` has
+        returned by then, also on error, timeout or cancellation.
+        """
+        work = self._load_groups(tokens, first_group, place, sizes, salt, pinned)
+        return await self._guarded("load_groups", work, 0)
+
+    async def _load_groups(
+        self,
+        tokens: torch.Tensor,
+        first_group: int,
+        place: Callable[[int, torch.Tensor], bool],
+        sizes: Sequence[int] | None,
+        salt: str | None,
+        pinned: bool,
+    ) -> int:
+        trimmed = self._trim(tokens)
+        if trimmed is None:
+            return 0
+        ids = token_ids(trimmed, self._config.split_factor)
+        groups = self._groups(ids, salt)[first_group:]
+        if sizes is None:
+            sizes = [info.size for info in _leading_hits(await self._probe([g.key for g in groups]))]
+        # Every group settles: one failure does not cancel the others (groups placed
+        # after an earlier one failed are simply not counted).
+        loads = (self._load_into(g, size, ids, place, pinned) for g, size in zip(groups, sizes, strict=False))
+        usable = 0
+        for result in await asyncio.gather(*loads, return_exceptions=True):
+            if isinstance(result, BaseException):
+                if not usable:
+                    raise result
+                break
+            if not result:
+                break
+            usable += 1
+        return usable
+
+    async def _load_into(
+        self, group: _Group, size: int, ids: torch.Tensor, place: Callable[[int, torch.Tensor], bool], pinned: bool
+    ) -> bool:
+        async with self._limit():
+            fetched = await self._fetch(group.key, size, pinned)
+            if fetched is None:
+                return False
+            try:
+                frag = await self._decode(group, ids, fetched[1])
+                return frag is not None and await _in_thread(place, group.number, frag.kv)
+            finally:
+                self._pool.give(fetched[0], pinned)
+
+    async def _decode(self, group: _Group, ids: torch.Tensor, data: memoryview) -> fragment.Fragment | None:
+        """The fetched fragment, or ``None`` (logged) unless it is exactly ``group``."""
+        try:
+            frag = await _in_thread(fragment.decode, data)
+            size = self._config.split_factor
+            group_tokens = ids[group.number * size : (group.number + 1) * size]
+            fragment.check_group(frag, self._config.namespace, size, group.number, group.digest, group_tokens)
+        except FragmentError as exc:
+            log.warning("fragment %s in %s is unusable, treated as a miss: %s", group.key, self._store.url, exc)
+            return None
+        return frag
 
     async def close(self) -> None:
         """Release the store's connections."""
@@ -552,3 +634,14 @@ def _leading_hits(infos: Sequence[ObjectInfo | None]) -> list[ObjectInfo]:
             break
         hits.append(info)
     return hits
+
+
+async def _in_thread(fn: Callable[..., _T], *args: Any) -> _T:
+    """``asyncio.to_thread``, except that a cancelled caller still waits for the thread
+    (which cannot be stopped), so the buffers it uses stay valid until it is done."""
+    work = asyncio.ensure_future(asyncio.to_thread(fn, *args))
+    try:
+        return await asyncio.shield(work)
+    except asyncio.CancelledError:
+        await asyncio.wait([work])
+        raise

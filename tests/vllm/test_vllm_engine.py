@@ -97,7 +97,8 @@ def run_engine(python: Path, model: Path, url: str, prompts: list[list[int]], wo
     proc = subprocess.run(
         [str(python), str(RUNNER), str(model), url, str(work / "prompts.json"), str(out),
          "--split-factor", str(SPLIT), *extra],
-        capture_output=True, text=True, timeout=900, check=False, env=os.environ | {"PYTHONUNBUFFERED": "1"},
+        capture_output=True, text=True, timeout=900, check=False,
+        env=os.environ | {"PYTHONUNBUFFERED": "1", "PYTHONPATH": str(Path(__file__).resolve().parents[2])},
     )  # fmt: skip
     log = proc.stdout + proc.stderr
     assert proc.returncode == 0, f"engine {name} failed:\n{log[-6000:]}"
