@@ -117,6 +117,8 @@ class WorkerSide:
         self._backlog = 0
         self._store_failures: list[str] = []
         self._flush = weakref.finalize(self, _flush, self._uploads, self._lock, flush_timeout_s)
+        # At a normal interpreter exit, before the executors the uploads run on are shut down.
+        threading._register_atexit(self._flush)  # type: ignore[attr-defined]
 
     # ------------------------------------------------------------------ loads
 
