@@ -191,6 +191,7 @@ class SchedulerSide:
                 tracked.done = min(tracked.done, valid // split * split)
                 tracked.repair_until = max(tracked.repair_until, tracked.loading[1])
                 tracked.loading = (tracked.loading[0], valid)
+                tracked.stored = valid  # vLLM may ask again (nothing valid): offer no more than this
         for req_id in finished:
             done = self._tracked.get(req_id)
             if done is None or done.loading is None:
