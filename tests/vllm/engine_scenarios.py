@@ -28,7 +28,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/, for faultproxy
 
-from faultproxy import Fault, FaultProxy  # noqa: E402
+from faultproxy import Fault, FaultProxy
 
 SPLIT = 64
 REGION = "us-east-1"

@@ -52,9 +52,7 @@ def _env() -> dict[str, str]:
 
 
 def _run(python: Path, *args: str) -> str:
-    proc = subprocess.run(
-        [str(python), *args], capture_output=True, text=True, timeout=900, check=False, env=_env()
-    )
+    proc = subprocess.run([str(python), *args], capture_output=True, text=True, timeout=900, check=False, env=_env())
     log = proc.stdout + proc.stderr
     assert proc.returncode == 0, log[-8000:]
     return log
