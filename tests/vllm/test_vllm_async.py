@@ -145,7 +145,7 @@ def test_connector_stays_off_the_engine_path(vllm_python: Path, tiny_llama: Path
     # timeout, and the breaker keeps C off the store.
     timeline = report["hung"]["timeline"]
     while_held = [a for _, a, b, held in timeline if held and b == 0]
-    assert len(while_held) > 10 and while_held[-1] - while_held[0] > 10, timeline[:40]
+    assert len(while_held) >= 3 and while_held[-1] - while_held[0] >= 3, timeline[:40]
     assert timeline[-1][2] == 4
     assert report["hung"]["c_heads"] == 0
     assert log.count("VUAS3Connector: lookup in") == 1, log[-6000:]

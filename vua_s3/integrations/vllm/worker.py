@@ -109,7 +109,6 @@ class WorkerSide:
         # untested: no GPU here
         self._side = torch.cuda.Stream(self._device) if self._cuda else None  # type: ignore[no-untyped-call]
         self._lock = threading.Lock()
-        self._loads: dict[str, concurrent.futures.Future[set[int]]] = {}
         self._ended: dict[str, set[int]] = {}
         self._invalid: set[int] = set()
         self._copies: list[concurrent.futures.Future[None]] = []
@@ -125,8 +124,6 @@ class WorkerSide:
     def start_loads(self, plan: Plan) -> None:
         for spec in plan.loads:
             future = self._loop.submit(self._load(spec))
-            with self._lock:
-                self._loads[spec.req_id] = future
             future.add_done_callback(functools.partial(self._load_ended, spec))
 
     async def _load(self, spec: LoadSpec) -> set[int]:
@@ -196,7 +193,6 @@ class WorkerSide:
             log.debug("load of %s ended with %r", spec.req_id, exc)
             invalid = set(spec.block_ids[spec.start // self._block_size :])
         with self._lock:
-            self._loads.pop(spec.req_id, None)
             self._ended[spec.req_id] = invalid
 
     def finished_loads(self) -> set[str]:
@@ -227,8 +223,16 @@ class WorkerSide:
         if not plan.saves:
             return
         ready = self._side_ready()
+        per_group = self._split // self._block_size
         for spec in plan.saves:
             groups = range(spec.first_group, len(spec.tokens) // self._split)
+            if len(spec.block_ids) < len(groups) * per_group:  # never upload what was not copied
+                self._problems.report(
+                    f"upload to {self._where}",
+                    ValueError(f"{len(spec.block_ids)} blocks for {len(groups)} groups of request {spec.req_id}"),
+                    "the groups are not stored",
+                )
+                continue
             size = len(groups) * self._group_bytes
             with self._lock:
                 full = self._backlog + size > self._max_backlog and not spec.repair
@@ -244,7 +248,6 @@ class WorkerSide:
                 )
                 continue
             self._stats.set("backlog_bytes", backlog)
-            per_group = self._split // self._block_size
             captures = []
             for i, group in enumerate(groups):
                 buf = self._buffers.take()
