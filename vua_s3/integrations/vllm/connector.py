@@ -120,6 +120,9 @@ class VUAS3Connector(KVConnectorBase_V1):  # type: ignore[misc]
                 for pp in range(parallel.pipeline_parallel_size)
                 for tp in range(parallel.tensor_parallel_size)
             ]
+            # Opening the store's client (sessions, credentials, first connection) costs a
+            # noticeable moment; do it now, not in the first request's lookup.
+            self._loop.submit(_warm_up(probes[0]))
             self._scheduler = SchedulerSide(
                 self._settings, probes, self._loop, self._breaker, self._stats, self._block_size,
                 load=bool(transfer.is_kv_consumer), save=bool(transfer.is_kv_producer), where=self._where,
@@ -197,8 +200,10 @@ class VUAS3Connector(KVConnectorBase_V1):  # type: ignore[misc]
         first = layers[0]
         ratio = kv_caches[first.name].size(0) // self._kv_cache_config.num_blocks
         rank = pp_rank * config.parallel_config.tensor_parallel_size + tp_rank  # the scheduler's probe order
+        vua = self._open(namespace, self._settings.load_timeout_s)
+        self._loop.submit(_warm_up(vua))
         self._worker = WorkerSide(
-            self._open(namespace, self._settings.load_timeout_s), rank, layers, ratio, self._block_size, self._loop,
+            vua, rank, layers, ratio, self._block_size, self._loop,
             self._stats, self._problems, max_pending_save_bytes=self._settings.max_pending_save_bytes,
             flush_timeout_s=self._settings.flush_timeout_s, where=self._where,
         )  # fmt: skip
@@ -282,6 +287,11 @@ class VUAS3Connector(KVConnectorBase_V1):  # type: ignore[misc]
         except Exception as exc:
             log.debug("%s: closing the store failed: %s", CONNECTOR_NAME, exc)
         self._loop.stop()
+
+
+async def _warm_up(vua: AsyncVUA) -> None:
+    with contextlib.suppress(Exception):  # a failing store shows in the first lookup
+        await vua.stored_sizes(torch.zeros(vua.config().split_factor, dtype=torch.int64))
 
 
 def _cpu_writer(backend: str) -> CpuCacheWriter | None:

@@ -53,6 +53,10 @@ class _Tracked:
     block_ids: list[int] = field(default_factory=list)
 
 
+#: The longest an idle step waits for a lookup or load (seconds).
+_IDLE_WAIT = 0.005
+
+
 class SchedulerSide:
     """Lookups, load plans and save plans for the requests of one engine."""
 
@@ -88,7 +92,7 @@ class SchedulerSide:
         then ``(n, True)`` for a hit of ``n`` tokens past the local prefix cache."""
         tracked = self._tracked.get(request.request_id)
         if tracked is None:
-            tracked = self._track(request, num_computed_tokens)
+            tracked = self._track(request)
         split = self._settings.split_factor
         local_groups = num_computed_tokens // split
         tracked.done = max(tracked.done, local_groups * split)
@@ -114,7 +118,7 @@ class SchedulerSide:
             return self.matched(request, num_computed_tokens)
         return (tracked.stored - num_computed_tokens, True) if tracked.stored > num_computed_tokens else (0, False)
 
-    def _track(self, request: Request, num_computed_tokens: int) -> _Tracked:
+    def _track(self, request: Request) -> _Tracked:
         usable = cacheable(request)
         prompt = list(request.prompt_token_ids or ())
         tracked = _Tracked(prompt=prompt, salt=request_salt(self._settings, request), usable=usable)
@@ -204,6 +208,8 @@ class SchedulerSide:
 
     def plan(self, scheduler_output: SchedulerOutput) -> Plan:
         """This step's loads, and saves of the prompt groups its forward pass completes."""
+        if not scheduler_output.total_num_scheduled_tokens:
+            self._idle()
         plan = Plan(loads=self._loads)
         self._loads = []
         for req_id in scheduler_output.preempted_req_ids or ():
@@ -230,6 +236,16 @@ class SchedulerSide:
                 tracked.block_ids.extend(new_blocks[0])
             self._plan_save(req_id, tracked, cached.num_computed_tokens[i] + scheduled.get(req_id, 0), plan)
         return plan
+
+    def _idle(self) -> None:
+        """A step with nothing to compute: vLLM would spin, asking again at once, and keep
+        the GIL from the loop thread the answers need. Wait a moment for one instead (the
+        engine has nothing else to do)."""
+        lookups = [t.lookup for t in self._tracked.values() if t.lookup is not None]
+        if lookups:
+            concurrent.futures.wait(lookups, timeout=_IDLE_WAIT, return_when=concurrent.futures.FIRST_COMPLETED)
+        elif any(t.loading is not None for t in self._tracked.values()):
+            time.sleep(_IDLE_WAIT)
 
     def _plan_save(self, req_id: str, tracked: _Tracked, computed: int, plan: Plan) -> None:
         split = self._settings.split_factor
