@@ -34,7 +34,7 @@ def test_metrics_in_vllm_serve(vllm_python: Path, tiny_llama: Path, tmp_path: Pa
     args = argparse.Namespace(vllm_venv=str(vllm_python.parents[1]), split_factor=64)
     prompt = list(range(3, 3 + 150))
     with EmbeddedS3() as s3, bench.server(args, tiny_llama, s3.url("serve"), tmp_path / "serve.log",  # type: ignore[attr-defined]
-                                          "--no-enable-prefix-caching") as base:  # fmt: skip
+                                          "--no-enable-prefix-caching", "--max-model-len", "1024") as base:  # fmt: skip
         model = str(tiny_llama)
         _, tokens = bench.complete(base, model, prompt, 4)  # type: ignore[attr-defined]
         assert tokens == 4
