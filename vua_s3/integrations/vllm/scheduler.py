@@ -96,7 +96,7 @@ class SchedulerSide:
         split = self._settings.split_factor
         local_groups = num_computed_tokens // split
         tracked.done = max(tracked.done, local_groups * split)
-        if not self._load or not tracked.usable:
+        if not self._load or not tracked.usable or getattr(request, "skip_reading_prefix_cache", False):
             return 0, False
         limit = (len(tracked.prompt) - 1) // split * split  # vLLM computes at least one token
         if limit <= local_groups * split:
