@@ -12,6 +12,10 @@ in a shuffled order. Scenarios, in order, on the same prompts:
 * ``warm+Nms``: the same, with ``--latency-ms`` added to every store request by a
   proxy on 127.0.0.1.
 
+``--workload chat`` makes each document the start of a conversation instead: round
+``k`` sends the previous round's prompt plus a reply and a new ``--question-tokens``
+turn, the rounds of one conversation in turn, the conversations concurrently.
+
 The store is the embedded S3 server (moto, Python-served: slower than a real store).
 Prints TTFT p50/p90, throughput, and the store traffic the connector's metrics report
 (read from the server's ``/metrics``), plus the machine and its load.
@@ -199,10 +203,15 @@ def metrics(base: str) -> dict[str, float]:
     return found
 
 
-def run_scenario(base: str, model: str, prompts: list[list[int]], args: argparse.Namespace) -> dict[str, Any]:
+def run_scenario(base: str, model: str, sessions: list[list[list[int]]], args: argparse.Namespace) -> dict[str, Any]:
+    """``sessions`` run ``--concurrency`` at a time, each one's prompts in turn."""
+
+    def session(prompts: list[list[int]]) -> list[tuple[float, int]]:
+        return [complete(base, model, p, args.max_tokens) for p in prompts]
+
     started = time.perf_counter()
     with ThreadPoolExecutor(args.concurrency) as pool:
-        results = list(pool.map(lambda p: complete(base, model, p, args.max_tokens), prompts))
+        results = [r for rs in pool.map(session, sessions) for r in rs]
     wall = time.perf_counter() - started
     ttfts = sorted(t for t, _ in results)
     tokens = sum(n for _, n in results)
@@ -210,7 +219,7 @@ def run_scenario(base: str, model: str, prompts: list[list[int]], args: argparse
         "ttft_p50": statistics.median(ttfts),
         "ttft_p90": ttfts[min(len(ttfts) - 1, int(0.9 * len(ttfts)))],
         "ttft_min": ttfts[0], "ttft_max": ttfts[-1],
-        "tok_s": tokens / wall, "req_s": len(prompts) / wall, "wall_s": wall,
+        "tok_s": tokens / wall, "req_s": len(results) / wall, "wall_s": wall,
     }  # fmt: skip
 
 
@@ -228,14 +237,27 @@ def main() -> None:
     parser.add_argument("--split-factor", type=int, default=256)
     parser.add_argument("--latency-ms", type=float, default=20.0)
     parser.add_argument("--scenarios", default="none,empty,warm,warm+latency")
+    parser.add_argument("--workload", choices=["documents", "chat"], default="documents")
     parser.add_argument("--json", type=Path, help="also write the results here")
     args = parser.parse_args()
 
     rng = random.Random(0)
-    docs = [[rng.randrange(3, VOCAB) for _ in range(args.doc_tokens)] for _ in range(args.docs)]
-    prompts = [d + [rng.randrange(3, VOCAB) for _ in range(args.question_tokens)] for d in docs
-               for _ in range(args.questions)]  # fmt: skip
-    rng.shuffle(prompts)
+
+    def tokens(n: int) -> list[int]:
+        return [rng.randrange(3, VOCAB) for _ in range(n)]
+
+    docs = [tokens(args.doc_tokens) for _ in range(args.docs)]
+    if args.workload == "chat":  # each document opens a conversation; each round adds a turn and a reply
+        sessions = []
+        for doc in docs:
+            rounds, history = [], doc
+            for _ in range(args.questions):
+                rounds.append(history + tokens(args.question_tokens))
+                history = rounds[-1] + tokens(args.max_tokens)  # a stand-in reply: the prefix is what matters
+            sessions.append(rounds)
+    else:
+        sessions = [[d + tokens(args.question_tokens)] for d in docs for _ in range(args.questions)]
+        rng.shuffle(sessions)
     work = Path(tempfile.mkdtemp(prefix="vua-bench-vllm-"))
     model = work / "model"
     write_model(model, args.layers, args.hidden)
@@ -249,13 +271,14 @@ def main() -> None:
             for name in wanted:
                 label = f"warm+{args.latency_ms:g}ms" if name == "warm+latency" else name
                 with server(args, model, urls[name], work / f"{name}.log") as base:
-                    row = run_scenario(base, str(model), prompts, args)
+                    row = run_scenario(base, str(model), sessions, args)
                     row["store"] = metrics(base) if urls[name] else {}
                 results[label] = row
                 print(f"{label}: {json.dumps(row)}", file=sys.stderr)
     load = os.getloadavg()
     print(f"\nvllm serve, random Llama ({args.layers} layers, hidden {args.hidden}, float32, CPU); "
-          f"{len(prompts)} requests = {args.docs} documents x {args.questions} questions, "
+          f"{args.workload}: {args.docs} documents x {args.questions} "
+          f"{'rounds' if args.workload == 'chat' else 'questions'}, "
           f"{args.doc_tokens}+{args.question_tokens} prompt tokens, {args.max_tokens} output tokens, "
           f"{args.concurrency} concurrent clients; split_factor {args.split_factor}; "
           "store: moto on 127.0.0.1")  # fmt: skip
