@@ -21,13 +21,15 @@
 #   writes and reads its own objects (namespace "...tp4r2..."); the scheduler probes
 #   every rank in one wave of HEADs and counts a group as stored only if all have it.
 #   Engines with another --tensor-parallel-size use other namespaces.
-# * Saves copy each finished group out of GPU memory into pinned host buffers layer by
-#   layer during the forward pass; encoding and upload run on a background thread.
-#   max_pending_saves bounds the groups queued for upload (host memory: one group is
+# * Saves copy each finished group out of the paged cache after the forward pass, on a
+#   side stream ordered after the compute stream, into pinned host buffers (untested: no
+#   GPU was available); encoding and upload run on a background thread.
+#   max_pending_save_bytes bounds the captured KV waiting for upload (one group is
 #   layers x 2 x kv_heads/tp x split_factor x head_dim x dtype bytes, 32 MiB for
 #   Llama-3-8B bf16 at 256 tokens); past it, new groups are skipped, not waited for.
-# * Loads go straight to the GPU (one copy per fragment) before the forward pass.
-#   Raise max_inflight for more parallel GETs on fast object stores.
+# * Lookups and loads never stall the engine: a request waits (WAITING_FOR_REMOTE_KVS)
+#   while its groups are fetched, each copied to the GPU from pinned memory as it arrives;
+#   the others keep running. Raise max_inflight for more parallel GETs on fast stores.
 # * split_factor must be a multiple of --block-size (256 suits every vLLM block size).
 # * --enable-prefix-caching stays useful: local hits are served from GPU memory and
 #   only the rest is fetched.

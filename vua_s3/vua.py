@@ -8,7 +8,7 @@ import logging
 import os
 import time
 from collections import OrderedDict
-from collections.abc import Awaitable, Coroutine, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from dataclasses import dataclass
 from typing import Any, Generic, NamedTuple, TypeVar, overload
 
@@ -156,11 +156,19 @@ class _Assembly:
     """
 
     def __init__(
-        self, groups: int, size: int, device: torch.device, heads: HeadRange | None, out: torch.Tensor | None = None
+        self,
+        groups: int,
+        size: int,
+        device: torch.device,
+        heads: HeadRange | None,
+        out: torch.Tensor | None = None,
+        *,
+        pinned: bool | None = None,
     ) -> None:
         self._groups = groups
         self._size = size
         self._device = device
+        self._pinned = device.type == "cuda" if pinned is None else pinned
         self.heads = heads
         """The heads loaded; ``None`` until the first representative tells (every head)."""
         self.kv_heads: int | None = None
@@ -171,7 +179,12 @@ class _Assembly:
 
     @property
     def pinned(self) -> bool:
-        return self._device.type == "cuda"
+        """Receive (and, on the host, output) buffers are page-locked, for async copies to a GPU."""
+        return self._pinned
+
+    def output(self) -> torch.Tensor | None:
+        """The whole output, ``[layers, 2, heads, tokens, head_dim]``, once placed; else ``None``."""
+        return self._out.result() if self._out.done() else None
 
     @property
     def representative(self) -> int:
@@ -195,7 +208,9 @@ class _Assembly:
                 self.heads = HeadRange.all(frag.kv_heads)
             layers, two, _, _, head_dim = frag.kv.shape
             shape = (layers, two, self.heads.count, self._size * self._groups, head_dim)
-            self._out.set_result(await asyncio.to_thread(torch.empty, shape, dtype=frag.kv.dtype, device=self._device))
+            pin = self._pinned and self._device.type == "cpu"
+            empty = functools.partial(torch.empty, shape, dtype=frag.kv.dtype, device=self._device, pin_memory=pin)
+            self._out.set_result(await asyncio.to_thread(empty))
         out = await asyncio.shield(self._out)
         if out is None or self.heads is None:
             return False
@@ -219,7 +234,7 @@ class _Assembly:
                 frag.kv_heads,
             )
             return False
-        await asyncio.to_thread(self._copy, out, index, frag.head - self.heads.start, frag.kv)
+        await _in_thread(self._copy, out, index, frag.head - self.heads.start, frag.kv)
         return True
 
     def _copy(self, out: torch.Tensor, index: int, head: int, kv: torch.Tensor) -> None:
@@ -607,7 +622,7 @@ class AsyncVUA:
                 if fetched is None:
                     return False
                 try:
-                    frag = await asyncio.to_thread(fragment.decode, fetched[1])
+                    frag = await _in_thread(fragment.decode, fetched[1])
                     split = self._config.split_factor
                     group_tokens = ids[group.number * split : (group.number + 1) * split]
                     namespace = self._config.namespace
@@ -700,6 +715,103 @@ class AsyncVUA:
         metadata = fragment.group_metadata(self._config.namespace, size, group.number, group.digest, group.parent)
         expected = fragment.encoded_size(*layout, metadata, head=heads.representative, kv_heads=heads.total)
         return await self._load(group, 0, expected, ids, _Assembly(1, size, out.device, heads, out))
+
+    async def stored_sizes(
+        self, tokens: torch.Tensor, *, salt: str | None = None, first_group: int = 0, heads: HeadRange | None = None
+    ) -> list[int]:
+        """The object sizes of the stored groups of ``tokens`` from ``first_group`` on, up to
+        the first missing one: a lookup that skips the groups the caller holds itself and
+        tells :meth:`load_groups` what to fetch without probing again."""
+        return await self._guarded("lookup", self._stored_sizes(tokens, salt, first_group, heads), [])
+
+    async def _stored_sizes(
+        self, tokens: torch.Tensor, salt: str | None, first_group: int, heads: HeadRange | None
+    ) -> list[int]:
+        trimmed = self._trim(tokens)
+        if trimmed is None:
+            return []
+        groups = self._groups(token_ids(trimmed, self._config.split_factor), salt, heads)[first_group:]
+        keys = [g.key for g in groups]
+        # Always asked, as lookup is. The search finds where the stored prefix ends in a few
+        # waves; the sizes of the groups before it come from its own probes where it made
+        # them (remembered), else from one more wave for the hits only.
+        stored = await self._stored_prefix(keys, trust_known=False)
+        infos = await self._probe(keys[:stored], trust_known=True)
+        return [info.size for info in _leading_hits(infos)]
+
+    async def load_groups(
+        self,
+        tokens: torch.Tensor,
+        first_group: int,
+        place: Callable[[int, torch.Tensor], bool],
+        *,
+        sizes: Sequence[int] | None = None,
+        salt: str | None = None,
+        pinned: bool = False,
+        heads: HeadRange | None = None,
+    ) -> int:
+        """Fetch the stored groups of ``tokens`` from ``first_group`` on and hand each to
+        ``place(number, kv)`` as it arrives, instead of assembling the whole prefix.
+
+        ``kv`` is the group's ``[layers, 2, heads, split_factor, head_dim]`` (every head of
+        ``heads``, default all) in a host buffer (``pinned``: page-locked), valid only during the call, which runs in a
+        worker thread and returns whether the group was used. ``sizes`` (from
+        :meth:`stored_sizes`) saves the probe. Returns how many leading groups from
+        ``first_group`` were fetched, checked and placed; every call to ``place`` has
+        returned by then, also on error, timeout or cancellation.
+        """
+        work = self._load_groups(tokens, first_group, place, sizes, salt, pinned, heads)
+        return await self._guarded("load_groups", work, 0)
+
+    async def _load_groups(
+        self,
+        tokens: torch.Tensor,
+        first_group: int,
+        place: Callable[[int, torch.Tensor], bool],
+        sizes: Sequence[int] | None,
+        salt: str | None,
+        pinned: bool,
+        heads: HeadRange | None,
+    ) -> int:
+        trimmed = self._trim(tokens)
+        if trimmed is None:
+            return 0
+        ids = token_ids(trimmed, self._config.split_factor)
+        groups = self._groups(ids, salt, heads)[first_group:]
+        if sizes is None:
+            sizes = [info.size for info in _leading_hits(await self._probe([g.key for g in groups]))]
+        # Every group settles: one failure does not cancel the others (groups placed
+        # after an earlier one failed are simply not counted).
+        known = HeadRange.all(self._kv_heads) if heads is None and self._kv_heads is not None else heads
+        loads = (self._load_into(g, size, ids, place, pinned, known) for g, size in zip(groups, sizes, strict=False))
+        usable = 0
+        for result in await asyncio.gather(*loads, return_exceptions=True):
+            if isinstance(result, BaseException):
+                if not usable:
+                    raise result
+                break
+            if not result:
+                break
+            usable += 1
+        return usable
+
+    async def _load_into(
+        self,
+        group: _Group,
+        size: int,
+        ids: torch.Tensor,
+        place: Callable[[int, torch.Tensor], bool],
+        pinned: bool,
+        heads: HeadRange | None,
+    ) -> bool:
+        """Every head of ``group`` into one host buffer, then handed to ``place``."""
+        staging = _Assembly(1, self._config.split_factor, torch.device("cpu"), heads, pinned=pinned)
+        if not await self._load(group, 0, size, ids, staging):
+            return False
+        if heads is None and staging.kv_heads is not None:
+            self._kv_heads = staging.kv_heads
+        out = staging.output()
+        return out is not None and await _in_thread(place, group.number, out)
 
     async def _lookup(self, tokens: torch.Tensor, salt: str | None, heads: HeadRange | None) -> int:
         trimmed = self._trim(tokens)
@@ -839,3 +951,14 @@ def _leading_hits(infos: Sequence[ObjectInfo | None]) -> list[ObjectInfo]:
             break
         hits.append(info)
     return hits
+
+
+async def _in_thread(fn: Callable[..., _T], *args: Any) -> _T:
+    """``asyncio.to_thread``, except that a cancelled caller still waits for the thread
+    (which cannot be stopped), so the buffers it uses stay valid until it is done."""
+    work = asyncio.ensure_future(asyncio.to_thread(fn, *args))
+    try:
+        return await asyncio.shield(work)
+    except asyncio.CancelledError:
+        await asyncio.wait([work])
+        raise

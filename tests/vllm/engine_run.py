@@ -6,7 +6,8 @@ every run starts with an empty paged cache: whatever it reuses came from the sto
     python engine_run.py MODEL_DIR URL PROMPTS_JSON OUT_JSON [--max-tokens N] [--registered]
 
 ``--registered`` leaves ``kv_connector_module_path`` out, relying on the plugin entry
-point. Writes ``{"outputs": [{"tokens": [...], "num_cached_tokens": n,
+point; ``--no-shutdown`` ends the script without shutting the engine down, as an
+offline script that simply ends does. Writes ``{"outputs": [{"tokens": [...], "num_cached_tokens": n,
 "kv_transfer_params": {...}}], "seconds": s}``.
 """
 
@@ -28,6 +29,7 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=8)
     parser.add_argument("--split-factor", type=int, default=64)
     parser.add_argument("--registered", action="store_true")
+    parser.add_argument("--no-shutdown", action="store_true")
     args = parser.parse_args()
 
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
@@ -65,8 +67,8 @@ def main() -> None:
         }
         for r in results
     ]
-    # Shut the engine down here, so the connector flushes its uploads before we report.
-    llm.llm_engine.engine_core.shutdown()
+    if not args.no_shutdown:  # shut the engine down, so the connector flushes its uploads before we report
+        llm.llm_engine.engine_core.shutdown()
     args.out.write_text(json.dumps({"outputs": outputs, "seconds": time.perf_counter() - started}))
 
 

@@ -2,8 +2,9 @@
 
 Named in vLLM's configuration as ``"kv_connector_module_path": "vua_s3.integrations.vllm"``
 with ``"kv_connector": "VUAS3Connector"``, or by the ``vllm.general_plugins`` entry point
-(:func:`register`). vLLM is imported only when the connector is: ``settings`` and ``paged``
-are pure and usable without it.
+(:func:`register`). vLLM is imported only when the connector is: ``connector`` and
+``metrics`` import it; ``settings``, ``paged``, ``scheduler`` (lookups and plans),
+``worker`` (loads and saves), ``plan``, ``breaker``, ``stats`` and ``problems`` are pure.
 """
 
 from __future__ import annotations

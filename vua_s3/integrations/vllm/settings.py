@@ -29,8 +29,12 @@ class ConnectorSettings:
     model_id: str | None = None
     salt: str | None = None
     max_inflight: int = 8
-    max_pending_saves: int = 64
+    max_pending_save_bytes: int = 1 << 30
     flush_timeout_s: float = 60.0
+    lookup_timeout_s: float = 5.0
+    load_timeout_s: float = 30.0
+    breaker_backoff_s: float = 10.0
+    breaker_max_backoff_s: float = 300.0
     load_failure_policy: str = "recompute"
 
     @classmethod
@@ -46,10 +50,15 @@ class ConnectorSettings:
                 f'{CONNECTOR_NAME} needs kv_connector_extra_config {{"url": "s3://bucket/prefix"}} (or a path)'
             )
         settings = cls(**extra)
-        for name in ("split_factor", "max_inflight", "max_pending_saves"):
+        for name in ("split_factor", "max_inflight", "max_pending_save_bytes"):
             value = getattr(settings, name)
             if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
                 raise ValueError(f"{CONNECTOR_NAME}: {name} must be a positive integer, got {value!r}")
+        for name in ("flush_timeout_s", "lookup_timeout_s", "load_timeout_s", "breaker_backoff_s",
+                     "breaker_max_backoff_s"):  # fmt: skip
+            value = getattr(settings, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < float("inf"):
+                raise ValueError(f"{CONNECTOR_NAME}: {name} must be a positive number of seconds, got {value!r}")
         if settings.load_failure_policy not in ("recompute", "fail"):
             raise ValueError(f"{CONNECTOR_NAME}: load_failure_policy must be 'recompute' or 'fail'")
         return settings
@@ -91,10 +100,20 @@ def derive_namespace(vllm_config: VllmConfig, settings: ConnectorSettings, tp_ra
 
 
 def request_salt(settings: ConnectorSettings, request: Request) -> str | None:
-    """What besides the tokens decides the KV: the operator's salt, vLLM's per-request
-    ``cache_salt`` and the LoRA adapter."""
+    """What besides the token ids decides the KV: the operator's salt, vLLM's per-request
+    ``cache_salt``, the LoRA adapter, and the content hash and place of every multimodal
+    input (its placeholder token ids say nothing about the content)."""
     lora = getattr(request, "lora_request", None)
-    parts = [settings.salt, getattr(request, "cache_salt", None), lora.lora_name if lora is not None else None]
+    parts: list[Any] = [settings.salt, getattr(request, "cache_salt", None), lora.lora_name if lora else None]
+    media = [[f.identifier, f.mm_position.offset, f.mm_position.length] for f in request.mm_features or ()]
+    if media:
+        parts.append(media)
     if not any(parts):
         return None
     return json.dumps(parts)
+
+
+def cacheable(request: Request) -> bool:
+    """Whether token ids (and :func:`request_salt`) name the request's KV: not for
+    ``prompt_embeds``, where placeholder ids stand in for embeddings."""
+    return request.prompt_token_ids is not None and getattr(request, "prompt_embeds", None) is None
