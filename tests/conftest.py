@@ -106,3 +106,9 @@ def run_in_threads(work: Callable[[int], object], count: int, timeout: float = 1
     assert not any(thread.is_alive() for thread in threads), f"threads still running after {timeout} s"
     if errors:
         raise errors[0]
+
+
+@pytest.fixture
+def in_threads() -> Callable[..., None]:
+    """:func:`run_in_threads`, for test modules that cannot import conftest (worker processes import them)."""
+    return run_in_threads

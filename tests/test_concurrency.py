@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import multiprocessing
 import random
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -158,11 +159,9 @@ def test_processes_share_one_store(location: str) -> None:
     verify_store(location, [torch.tensor(t) for _, stored, _, _ in outcomes for t in stored])
 
 
-def test_threads_share_one_vua(location: str) -> None:
+def test_threads_share_one_vua(location: str, in_threads: Callable[..., None]) -> None:
     stored: list[torch.Tensor] = []
     hits: list[int] = []
-    from conftest import run_in_threads  # here, not at the top: worker processes import this module
-
     with VUA(CFG, location) as vua:
 
         def worker(seed: int) -> None:
@@ -170,7 +169,7 @@ def test_threads_share_one_vua(location: str) -> None:
             stored.extend(mine)
             hits.append(hit)
 
-        run_in_threads(worker, 6)
+        in_threads(worker, 6)
     assert sum(hits) > 0
     verify_store(location, stored)
 
