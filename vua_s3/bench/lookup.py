@@ -15,7 +15,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import datetime
-import logging
 import os
 import statistics
 import time
@@ -80,17 +79,10 @@ def _location(options: LookupBenchOptions) -> Iterator[tuple[Callable[[], Store]
         url = options.url
         yield lambda: open_store(url), redact_url(url).split("?")[0]
         return
-    from ..testing.moto import EmbeddedS3
-    from ..testing.seaweed import SeaweedS3, seaweed_available
+    from ..testing.local import local_s3
 
     prefix = f"bench-lookup-{int(time.time())}"
-    if seaweed_available():
-        server: EmbeddedS3 = SeaweedS3()
-        description = "SeaweedFS (weed server, local, 127.0.0.1)"
-    else:
-        logging.getLogger("werkzeug").setLevel(logging.ERROR)
-        server = EmbeddedS3()
-        description = "moto (embedded, 127.0.0.1)"
+    server, description = local_s3()
     with server:
         yield lambda: server.store(prefix), description
 

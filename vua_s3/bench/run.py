@@ -14,7 +14,6 @@ from __future__ import annotations
 import contextlib
 import datetime
 import json
-import logging
 import os
 import resource
 import shutil
@@ -115,20 +114,9 @@ def _server(options: BenchOptions) -> Iterator[tuple[str, aioboto3.Session, str]
         settings = S3Settings.from_query(urlsplit(options.url).query)
         yield options.url, aioboto3.Session(profile_name=settings.profile), redact_url(options.url).split("?")[0]
         return
-    from ..testing.seaweed import SeaweedS3, seaweed_available
+    from ..testing.local import local_s3
 
-    kind = options.server
-    if kind == "auto":
-        kind = "seaweedfs" if seaweed_available() else "moto"
-    if kind == "seaweedfs":
-        server: Any = SeaweedS3()
-        description = "SeaweedFS (weed server, local, 127.0.0.1)"
-    else:
-        from ..testing.moto import EmbeddedS3
-
-        logging.getLogger("werkzeug").setLevel(logging.ERROR)
-        server = EmbeddedS3()
-        description = "moto (embedded, 127.0.0.1)"
+    server, description = local_s3(options.server)
     with server:
         yield server.url(f"bench-{int(time.time())}"), aioboto3.Session(**EMBEDDED_CREDENTIALS), description
 
