@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import re
+import threading
 from collections.abc import Callable, Sequence
 from typing import Any
 from urllib.parse import quote, urlsplit
@@ -28,6 +29,8 @@ from botocore.exceptions import ConnectionError as BotoConnectionError
 from ...errors import SizeMismatchError
 from .body import SegmentBody
 
+_SHARED: dict[tuple[Any, ...], Any] = {}
+_SHARED_LOCK = threading.Lock()
 _CODE_RE = re.compile(rb"<Code>([^<]{1,100})</Code>")
 
 
@@ -85,17 +88,30 @@ class CrtTransport:
             if max_attempts > 1
             else s3.S3RetryConfig(retry_mode=s3.S3RetryMode.NONE)
         )
-        self._client = s3.S3Client(
-            region=region,
-            tls_mode=s3.S3RequestTlsMode.ENABLED if https else s3.S3RequestTlsMode.DISABLED,
-            tls_connection_options=tls_options,
-            signing_config=self._signing,
-            part_size=part_size,
-            multipart_upload_threshold=multipart_threshold,
-            max_active_connections_override=concurrency,
-            retry_config=retry,
-            connect_timeout_ms=max(1, int(connect_timeout * 1000)),
-        )
+        # One C client per endpoint and settings for the whole process, shared by every store
+        # on them: its connection pool and threads live as long as the process (a serving
+        # process keeps its stores anyway), and a client whose requests were cancelled is
+        # never left half shut down. Each request carries its own store's signing config.
+        shared = (
+            bucket_url, region, part_size, multipart_threshold, max_attempts, connect_timeout, concurrency, verify,
+            ca_bundle,
+        )  # fmt: skip
+        with _SHARED_LOCK:
+            client = _SHARED.get(shared)
+            if client is None:
+                client = s3.S3Client(
+                    region=region,
+                    tls_mode=s3.S3RequestTlsMode.ENABLED if https else s3.S3RequestTlsMode.DISABLED,
+                    tls_connection_options=tls_options,
+                    signing_config=self._signing,
+                    part_size=part_size,
+                    multipart_upload_threshold=multipart_threshold,
+                    max_active_connections_override=concurrency,
+                    retry_config=retry,
+                    connect_timeout_ms=max(1, int(connect_timeout * 1000)),
+                )
+                _SHARED[shared] = client
+        self._client = client
 
     def _current_credentials(self) -> Any:
         """The delegate the C client calls (on its threads) to sign: the credentials the
@@ -145,6 +161,7 @@ class CrtTransport:
             lambda: self._client.make_request(
                 type=s3.S3RequestType.GET_OBJECT,
                 request=http_request,
+                signing_config=self._signing,
                 checksum_config=self._checksum_get,
                 on_headers=on_headers,
                 on_body=on_body,
@@ -159,7 +176,7 @@ class CrtTransport:
         """PUT the concatenation of ``segments`` (``size`` bytes) as ``name``."""
         await self._refresh()
         s3 = self._s3
-        signing = None
+        signing = self._signing
         if self._sign_payload:
             digest = await asyncio.to_thread(_sha256, segments)
             signing = self._signing.replace(signed_body_value=digest)
@@ -184,22 +201,20 @@ class CrtTransport:
         waits for its end, as the C client writes into (or reads from) the caller's memory."""
         request = start()
         done = asyncio.wrap_future(request.finished_future)
+        # The request's error is always taken, also when the wait below is itself cancelled
+        # again (a timeout, then a close): asyncio reports errors nobody took.
+        done.add_done_callback(lambda future: future.cancelled() or future.exception())
         try:
             await asyncio.shield(done)
         except asyncio.CancelledError:
             request.cancel()
             await asyncio.wait([done])
-            if not done.cancelled():
-                done.exception()  # the request's "cancelled" error, taken so it is not reported
             raise
         except Exception as exc:
             raise _botocore_error(exc, operation, self._host) from None
 
     async def close(self) -> None:
-        """Release the client and wait (briefly) for its threads to wind down."""
-        shutdown = self._client.shutdown_event
-        del self._client
-        await asyncio.to_thread(shutdown.wait, 5.0)
+        """Nothing to release: the C client is the process's, shared (see ``__init__``)."""
 
 
 def _http_request(method: str, path: str, headers: list[tuple[str, str]], body: Any) -> Any:
