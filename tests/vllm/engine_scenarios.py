@@ -1,7 +1,7 @@
 """One vLLM engine, with prefix caching on, meets the store through a fault proxy; reports JSON.
 
 Runs in the vLLM venv (one fresh process; the test's moto server holds prompts an
-earlier engine stored). The proxy (``tests/faultproxy.py``) runs in this process, so
+earlier engine stored). The proxy (``vua_s3.testing.faultproxy``) runs in this process, so
 each phase can slow, hold or count the store's requests without another process:
 
 * ``delay``: 8 new prompts with a fast store, then 8 more with every store response
@@ -26,9 +26,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/, for faultproxy
-
-from faultproxy import Fault, FaultProxy
+from vua_s3.testing.faultproxy import Fault, FaultProxy
 
 SPLIT = 64
 REGION = "us-east-1"

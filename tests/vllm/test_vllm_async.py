@@ -8,7 +8,7 @@ Two engine processes share one store:
 2. ``engine_scenarios.py`` (prefix caching on) meets the store through a fault proxy in
    its own process, one phase per behaviour (see there): a slow store costs about one
    round trip, not one per request; a partial local hit reads only the missing groups;
-   a corrupt group mid-prefix is recomputed and stored again, and no fragment computed
+   a corrupt object (one head of a group) mid-prefix is recomputed and stored again, and no fragment computed
    on it is ever uploaded; ``prompt_embeds`` requests are served and never touch the
    store; a decoding request keeps getting tokens while a new request's lookup hangs,
    after which the breaker keeps new requests off the store; the connector's metrics
@@ -39,6 +39,7 @@ REPO = HERE.parents[1]
 SPLIT = 64
 PROMPT_LEN = 280  # four whole groups stored (256 tokens), the rest prefilled
 GROUPS = 4
+KV_HEADS = 2  # the tiny model's: one object per group and KV head
 
 
 def _env() -> dict[str, str]:
@@ -77,13 +78,15 @@ def test_connector_stays_off_the_engine_path(vllm_python: Path, tiny_llama: Path
              str(tmp_path / "clean.json"), "--split-factor", str(SPLIT), "--no-shutdown")  # fmt: skip
         clean_out = json.loads((tmp_path / "clean.json").read_text())["outputs"]
         clean = objects()
-        assert len(clean) == 3 * GROUPS, sorted(clean)
+        assert len(clean) == 3 * GROUPS * KV_HEADS, sorted(clean)
         namespace = next(iter(clean)).split("/")[0]
         cfg = VUAConfig(split_factor=SPLIT, namespace=namespace)
+        # keys: the object probed per group (head 0); every_head: all of them, group by group.
         keys = [cfg.tokens_to_paths(torch.tensor(p[: SPLIT * GROUPS])) for p in prompts]
-        assert set(clean) == {k for ks in keys for k in ks}
+        every_head = [cfg.tokens_to_paths(torch.tensor(p[: SPLIT * GROUPS]), kv_heads=KV_HEADS) for p in prompts]
+        assert set(clean) == {k for ks in every_head for k in ks}
 
-        # Group 1 of prompt 1 becomes garbage of the same size.
+        # Head 0 of group 1 of prompt 1 becomes garbage of the same size.
         bad = keys[1][1]
         client.put_object(Bucket=s3.bucket, Key=f"{prefix}/{bad}", Body=random.Random(1).randbytes(len(clean[bad])))
 
@@ -109,10 +112,10 @@ def test_connector_stays_off_the_engine_path(vllm_python: Path, tiny_llama: Path
     # Partial local hit: R reads group 0 of prompt 0 only; prompt 0 itself then has its
     # first 96 tokens in the local prefix cache and probes and reads groups 1..3 only.
     r = report["partial_r"]
-    assert paths(r["requests"], "GET") == [keys[0][0]]
+    assert sorted(paths(r["requests"], "GET")) == sorted(every_head[0][:KV_HEADS])
     x0 = report["partial_x0"]
     assert sorted(paths(x0["requests"], "HEAD")) == sorted(keys[0][1:])
-    assert sorted(paths(x0["requests"], "GET")) == sorted(keys[0][1:])
+    assert sorted(paths(x0["requests"], "GET")) == sorted(every_head[0][KV_HEADS:])
     (out,) = x0["out"]
     assert out["num_cached_tokens"] == SPLIT * GROUPS
     assert out["kv_transfer_params"]["vua_s3"]["hit_tokens"] == SPLIT * GROUPS - 96
@@ -123,7 +126,7 @@ def test_connector_stays_off_the_engine_path(vllm_python: Path, tiny_llama: Path
     (out,) = report["corrupt"]["out"]
     assert out["tokens"] == clean_out[1]["tokens"][:4]
     assert out["kv_transfer_params"]["vua_s3"]["hit_tokens"] == SPLIT
-    assert Counter(paths(report["corrupt"]["requests"], "PUT")) == Counter(keys[1][1:])
+    assert Counter(paths(report["corrupt"]["requests"], "PUT")) == Counter(every_head[1][KV_HEADS:])
     assert "Recovered from KV load failure" in log
     assert set(clean) <= set(final)
     for key, data in clean.items():

@@ -119,7 +119,8 @@ def test_engines_share_kv_through_the_store(
     assert len(keys) == 2 * STORED // SPLIT * 2  # one object per group and KV head (the tiny model has 2)
     namespace = keys[0].split("/")[0]
     assert {k.split("/")[0] for k in keys} == {namespace}
-    assert namespace.startswith(f"{tiny_llama.name}.float32.tp1r0.")
+    assert namespace.startswith(f"{tiny_llama.name}.float32.")
+    assert ".tp" not in namespace  # one namespace for every tensor-parallel size
     cfg = VUAConfig(split_factor=SPLIT, namespace=namespace)
     with VUA(cfg, backend.location) as vua:
         stored = vua.get_closest(torch.tensor(prompts[1]))

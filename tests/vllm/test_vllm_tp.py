@@ -8,9 +8,6 @@ Four engines, two POSIX stores, the tiny Llama (2 KV heads, so TP=2 puts one on 
 3. The VUA API stores prompt 3 into A (transformers' KV, all heads). TP=2 on A reuses
    prompt 1 (written by TP=1) and prompt 3 (written by the API) whole, answering as in 1.
 4. TP=1 on B reuses prompts 1 and 2 (written by TP=2) whole, answering as in 2.
-
-Scaffolding: skipped until the connector writes format 2 with a namespace free of the TP
-size (see the README's tensor-parallelism section); then remove the skip mark.
 """
 
 from __future__ import annotations
@@ -26,10 +23,7 @@ import torch
 
 from vua_s3 import VUA, VUAConfig
 
-pytestmark = [
-    pytest.mark.vllm,
-    pytest.mark.skip(reason="the connector does not yet write format 2 under a TP-free namespace"),
-]
+pytestmark = pytest.mark.vllm
 
 HERE = Path(__file__).parent
 REPO = HERE.parents[1]

@@ -35,6 +35,7 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
 from ...config import VUAConfig
 from ...logsafe import redact_url
 from ...loop import BackgroundLoop
+from ...shards import rank_heads, rank_writes
 from ...storage import open_store
 from ...vua import AsyncVUA
 from .breaker import Breaker
@@ -115,10 +116,11 @@ class VUAS3Connector(KVConnectorBase_V1):  # type: ignore[misc]
         self._worker: WorkerSide | None = None
         if role == KVConnectorRole.SCHEDULER:
             parallel = vllm_config.parallel_config
+            # One probe per pipeline stage serves every tensor-parallel rank: its objects do
+            # not depend on the TP size, and every head of a group has the same size.
             probes = [
-                self._open(derive_namespace(vllm_config, self._settings, tp, pp), self._settings.lookup_timeout_s)
+                self._open(derive_namespace(vllm_config, self._settings, pp), self._settings.lookup_timeout_s)
                 for pp in range(parallel.pipeline_parallel_size)
-                for tp in range(parallel.tensor_parallel_size)
             ]
             # Opening the store's client (sessions, credentials, first connection) costs a
             # noticeable moment; do it now, not in the first request's lookup.
@@ -188,7 +190,9 @@ class VUAS3Connector(KVConnectorBase_V1):  # type: ignore[misc]
 
         config = self._vllm_config
         tp_rank, pp_rank = get_tensor_model_parallel_rank(), get_pp_group().rank_in_group
-        namespace = derive_namespace(config, self._settings, tp_rank, pp_rank)
+        namespace = derive_namespace(config, self._settings, pp_rank)
+        tp_size, kv_heads = config.parallel_config.tensor_parallel_size, config.model_config.get_total_num_kv_heads()
+        heads, writes = rank_heads(tp_size, tp_rank, kv_heads), rank_writes(tp_size, tp_rank, kv_heads)
         head_size = config.model_config.get_head_size()
         forward_context = config.compilation_config.static_forward_context
         layers = []
@@ -199,18 +203,18 @@ class VUAS3Connector(KVConnectorBase_V1):  # type: ignore[misc]
             layers.append(PagedLayer(name, kv_caches[name], backend, head_size, isa, _cpu_writer(backend)))
         first = layers[0]
         ratio = kv_caches[first.name].size(0) // self._kv_cache_config.num_blocks
-        rank = pp_rank * config.parallel_config.tensor_parallel_size + tp_rank  # the scheduler's probe order
         vua = self._open(namespace, self._settings.load_timeout_s)
         self._loop.submit(_warm_up(vua))
         self._worker = WorkerSide(
-            vua, rank, layers, ratio, self._block_size, self._loop,
+            vua, pp_rank, heads, writes, layers, ratio, self._block_size, self._loop,
             self._stats, self._problems, max_pending_save_bytes=self._settings.max_pending_save_bytes,
             flush_timeout_s=self._settings.flush_timeout_s, where=self._where,
         )  # fmt: skip
         log.info(
-            "%s: worker on %s, namespace %s, %d layers of %s %s KV (%d heads x %d), %d kernel blocks per block",
+            "%s: worker on %s, namespace %s, %d layers of %s %s KV (heads %d-%d of %d, writes %s, x %d), "
+            "%d kernel blocks per block",
             CONNECTOR_NAME, self._where, namespace, len(layers), first.device, first.dtype,
-            first.heads, first.head_size, ratio,
+            heads.start, heads.stop - 1, kv_heads, "none" if writes is None else "them", first.head_size, ratio,
         )  # fmt: skip
 
     def _plan(self) -> Plan:

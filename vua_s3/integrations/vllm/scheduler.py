@@ -44,7 +44,8 @@ class _Tracked:
     stored: int | None = None
     """Leading prompt tokens the store holds, once the lookup answered."""
     sizes: list[list[int]] = field(default_factory=list)
-    """Per rank, the object sizes of the stored groups from ``lookup_from`` on."""
+    """Per pipeline stage, the object sizes of the stored groups from ``lookup_from`` on
+    (every KV head of a group has the same size, so they serve every TP rank)."""
     loading: tuple[int, int] | None = None
     """Tokens ``[start, end)`` being loaded, until the workers report the load."""
     loaded: int = 0
@@ -151,8 +152,8 @@ class SchedulerSide:
             tracked.done = len(tracked.prompt)  # the store is failing: no saves either
         else:
             self._breaker.succeeded()
-        groups = min(map(len, sizes), default=0)  # every rank must hold a group for it to count
-        tracked.sizes = [rank[:groups] for rank in sizes]
+        groups = min(map(len, sizes), default=0)  # every stage must hold a group for it to count
+        tracked.sizes = [stage[:groups] for stage in sizes]
         tracked.stored = start + groups * split
         self._stats.add("hit_tokens", tracked.stored - start)
         self._stats.add("miss_tokens", limit - tracked.stored)
@@ -178,7 +179,7 @@ class SchedulerSide:
                 start=start,
                 block_ids=tracked.block_ids,
                 salt=tracked.salt,
-                sizes=[rank[skip:] for rank in tracked.sizes],
+                sizes=[stage[skip:] for stage in tracked.sizes],
             )
         )
 

@@ -15,8 +15,9 @@ if TYPE_CHECKING:
     from vllm.v1.request import Request
 
 CONNECTOR_NAME = "VUAS3Connector"
-#: Version of how vLLM's paged KV maps to fragments; part of every namespace.
-_LAYOUT_TAG = "vllm-kv1"
+#: Version of how vLLM's paged KV maps to fragments; part of every namespace. 2: one
+#: object per (group, KV head), shared by every tensor-parallel size.
+_LAYOUT_TAG = "vllm-kv2"
 
 
 @dataclass(frozen=True)
@@ -64,12 +65,14 @@ class ConnectorSettings:
         return settings
 
 
-def derive_namespace(vllm_config: VllmConfig, settings: ConnectorSettings, tp_rank: int, pp_rank: int) -> str:
-    """The namespace of one worker's fragments: everything that changes the bytes of its KV.
+def derive_namespace(vllm_config: VllmConfig, settings: ConnectorSettings, pp_rank: int) -> str:
+    """The namespace of one pipeline stage's fragments: everything that changes their bytes.
 
     Model (or ``model_id``), revision, quantization, KV dtype, layer and head counts,
-    head size, and the tensor/pipeline-parallel size and rank (each rank stores its own
-    heads and layers). vLLM's block size and paged layout are left out on purpose:
+    head size, and the pipeline-parallel size and rank (each stage stores its own
+    layers). The tensor-parallel size and rank are left out: a group is one object per
+    KV head (:mod:`vua_s3.shards`), so engines of every TP size and the VUA API share
+    the objects. vLLM's block size and paged layout are left out on purpose too:
     fragments hold plain ``[layers, 2, heads, tokens, head_dim]`` K/V, so engines with
     different block sizes or attention backends share them. A readable prefix is kept
     for people listing the bucket; a digest of the full identity makes it unique.
@@ -88,12 +91,11 @@ def derive_namespace(vllm_config: VllmConfig, settings: ConnectorSettings, tp_ra
         "layers": model_config.get_total_num_hidden_layers(),
         "kv_heads": model_config.get_total_num_kv_heads(),
         "head_size": model_config.get_head_size(),
-        "tp": [parallel.tensor_parallel_size, tp_rank],
         "pp": [parallel.pipeline_parallel_size, pp_rank],
     }
     digest = hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()[:12]
     base = settings.namespace or namespace_part(model.rstrip("/").rsplit("/", 1)[-1]).strip("-.")
-    tag = f"{kv_dtype}.tp{parallel.tensor_parallel_size}r{tp_rank}"
+    tag = kv_dtype
     if parallel.pipeline_parallel_size > 1:
         tag += f".pp{parallel.pipeline_parallel_size}r{pp_rank}"
     return f"{(base or 'model')[:64]}.{tag}.{digest}"

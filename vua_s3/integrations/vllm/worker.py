@@ -28,6 +28,7 @@ import torch
 
 from ...keys import token_ids
 from ...loop import BackgroundLoop, gather_or_cancel
+from ...shards import HeadRange
 from ...vua import AsyncVUA
 from .paged import PagedLayer, kernel_block_ids
 from .plan import LoadSpec, Plan, SaveSpec
@@ -70,12 +71,19 @@ class _HostBuffers:
 
 
 class WorkerSide:
-    """Loads and saves for one worker (one tensor/pipeline-parallel rank)."""
+    """Loads and saves for one worker (one tensor/pipeline-parallel rank).
+
+    It reads the objects of the KV heads it holds (``heads``) and writes ``writes``:
+    the same heads, or ``None`` on a rank whose replicated head a lower rank writes
+    (:func:`vua_s3.shards.rank_writes`), which then captures and uploads nothing.
+    """
 
     def __init__(
         self,
         vua: AsyncVUA,
-        rank: int,
+        stage: int,
+        heads: HeadRange,
+        writes: HeadRange | None,
         layers: Sequence[PagedLayer],
         ratio: int,
         block_size: int,
@@ -88,8 +96,16 @@ class WorkerSide:
         where: str,
     ) -> None:
         self._vua = vua
-        self._rank = rank
+        self._stage = stage
         self._layers = list(layers)
+        local = {layer.heads for layer in self._layers}
+        if local != {heads.count}:
+            raise ValueError(
+                f"the paged cache holds {sorted(local)} KV heads per layer, but heads {heads} are {heads.count}"
+            )
+        if writes is not None and writes != heads:
+            raise ValueError(f"a rank writes all the heads it holds ({heads}) or none, not {writes}")
+        self._heads, self._writes = heads, writes
         self._ratio = ratio
         self._block_size = block_size
         self._split = vua.config().split_factor
@@ -149,9 +165,9 @@ class WorkerSide:
         tokens = torch.tensor(spec.tokens, dtype=torch.int64)
         what, consequence = f"load from {self._where}", "vLLM recomputes the affected tokens"
         try:
-            sizes = spec.sizes[self._rank] if self._rank < len(spec.sizes) else None
+            sizes = spec.sizes[self._stage] if self._stage < len(spec.sizes) else None
             groups = await self._vua.load_groups(
-                tokens, first_group, place, sizes=sizes, salt=spec.salt, pinned=self._cuda
+                tokens, first_group, place, sizes=sizes, salt=spec.salt, pinned=self._cuda, heads=self._heads
             )
         except Exception as exc:
             self._problems.report(what, exc, consequence)
@@ -220,7 +236,7 @@ class WorkerSide:
 
     def start_saves(self, plan: Plan) -> None:
         """Copy this step's finished groups out (in the background) and queue their upload."""
-        if not plan.saves:
+        if not plan.saves or self._writes is None:
             return
         ready = self._side_ready()
         per_group = self._split // self._block_size
@@ -309,7 +325,9 @@ class WorkerSide:
         kv = capture.buf
         layers = [(kv[i, 0].unsqueeze(0), kv[i, 1].unsqueeze(0)) for i in range(kv.size(0))]
         group = capture.group
-        await self._vua.put_groups(ids, layers, [group], kv_start=group * self._split, salt=spec.salt)
+        await self._vua.put_groups(
+            ids, layers, [group], kv_start=group * self._split, salt=spec.salt, heads=self._writes
+        )
         self._stats.add("stored_groups")
         self._stats.add("store_bytes", self._group_bytes + self._split * 8)
         self._stats.add("store_seconds", time.monotonic() - capture.started)
