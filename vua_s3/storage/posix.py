@@ -247,11 +247,8 @@ def _open_parent(root: Path, key: str, *, create: bool = False) -> int:
     fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
         for part in key.split("/")[:-1]:
-            if create:
-                with contextlib.suppress(FileExistsError):
-                    os.mkdir(part, DIR_MODE, dir_fd=fd)
             try:
-                child = os.open(part, os.O_RDONLY | os.O_DIRECTORY | _NOFOLLOW, dir_fd=fd)
+                child = _open_directory(part, fd, create)
             except NotADirectoryError:
                 if stat.S_ISLNK(os.stat(part, dir_fd=fd, follow_symlinks=False).st_mode):
                     raise OSError(errno.ELOOP, f"{part!r} is a symbolic link, not followed inside the store") from None
@@ -262,6 +259,19 @@ def _open_parent(root: Path, key: str, *, create: bool = False) -> int:
         os.close(fd)
         raise
     return fd
+
+
+def _open_directory(name: str, parent: int, create: bool) -> int:
+    """Directory ``name`` under ``parent``, made (mode DIR_MODE) first if missing and ``create``:
+    an existing directory, the usual case, costs one open and no mkdir."""
+    try:
+        return os.open(name, os.O_RDONLY | os.O_DIRECTORY | _NOFOLLOW, dir_fd=parent)
+    except FileNotFoundError:
+        if not create:
+            raise
+    with contextlib.suppress(FileExistsError):  # another writer made it meanwhile
+        os.mkdir(name, DIR_MODE, dir_fd=parent)
+    return os.open(name, os.O_RDONLY | os.O_DIRECTORY | _NOFOLLOW, dir_fd=parent)
 
 
 def _open_nofollow(root: Path, key: str, flags: int) -> int:
