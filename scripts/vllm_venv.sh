@@ -52,6 +52,9 @@ else
     echo "built vLLM venv in $((SECONDS - start)) s" >&2
 fi
 
+# vua_s3's requirements that vLLM does not bring (the editable install below takes no deps).
+"$VENV/bin/python" -c 'import awscrt' 2>/dev/null || pip_in install "awscrt>=0.27"
+
 # Point vua_s3 at this checkout (and its vLLM plugin entry point) unless it already is.
 # (run from / so the check cannot pick up a checkout in the working directory)
 if ! (cd / && "$VENV/bin/python" - "$REPO" <<'PY' 2>/dev/null

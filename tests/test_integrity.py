@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import zlib
 
 import pytest
 import torch
@@ -153,3 +154,33 @@ def test_fragments_are_readable_by_safetensors(location: str) -> None:
     assert torch.equal(tensors["kv"][1, 0], kv[1][0][0, :1, 16:32])
     assert torch.equal(tensors["kv"][0, 1], kv[0][1][0, :1, 16:32])
     vua.close()
+
+
+def test_objects_carry_crc32c_and_zlib_crc32_objects_stay_readable(location: str, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """New objects are checksummed with CRC-32C; objects written with zlib's CRC-32 (before
+    CRC-32C, or where awscrt is missing) are still read and still checked."""
+    vua, kv, keys = stored(location)
+    assert "crc32c" in vua_metadata(vua, keys[0])
+    vua.close()
+
+    legacy = VUA(VUAConfig(split_factor=16, namespace="legacy"), location)
+    with monkeypatch.context() as patch:
+        patch.setattr(fragment_format, "_CRC", zlib.crc32)
+        patch.setattr(fragment_format, "_CRC_KEY", "crc32")
+        legacy.put(TOKENS, kv)
+    legacy_keys = VUAConfig(split_factor=16, namespace="legacy").tokens_to_paths(TOKENS)
+    meta = vua_metadata(legacy, legacy_keys[0])
+    assert "crc32" in meta and "crc32c" not in meta
+    expect_prefix(legacy, kv, groups=4)
+    rewrite(legacy, legacy_keys[1], flip_last_byte)
+    reader = VUA(VUAConfig(split_factor=16, namespace="legacy"), location)
+    expect_prefix(reader, kv, groups=1)
+    legacy.close()
+    reader.close()
+
+
+def vua_metadata(vua: VUA, key: str) -> dict[str, str]:
+    async def go() -> bytes:
+        return bytes(await vua.store.get(key))
+
+    return fragment_format.decode(bytearray(asyncio.run(go()))).metadata

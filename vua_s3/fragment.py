@@ -5,7 +5,7 @@ Layout, format version 2 (readable by ``safetensors.torch.load``)::
     tokens  int64 [S]                               the group's token ids
     kv      <dtype> [layers, 2, 1, S, head_dim]     K (index 0) and V (index 1) of one KV head
     __metadata__: format, version, namespace, split_factor, group, digest, parent,
-                  head, kv_heads, crc32
+                  head, kv_heads, crc32c (or crc32)
 
 One KV head per object, so a tensor-parallel rank of any size writes and reads exactly
 its heads (``shards.py``). ``head`` and ``kv_heads`` say which head of how many this is
@@ -16,9 +16,11 @@ Version 1 objects (``kv [layers, 2, heads, S, head_dim]``, every head in one) ar
 refused by :func:`decode`.
 
 Encoding gives the header and views of the caller's tensors (sent as they are, no
-serialization copy); decoding returns views into the received buffer. ``crc32``
+serialization copy); decoding returns views into the received buffer. ``crc32c``
 covers the data section, so flipped bytes are caught even where the transport
-checks nothing.
+checks nothing: CRC-32C because CPUs compute it in hardware (awscrt's implementation),
+several times faster than zlib's CRC-32. Objects whose metadata has ``crc32`` instead
+(written before, or without awscrt) are checked with zlib.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ import json
 import math
 import struct
 import zlib
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeGuard
 
@@ -55,6 +57,16 @@ _DTYPES = {name: dtype for dtype, name in _DTYPE_NAMES.items()}
 _HEADER_ALIGN = 8
 #: A fragment header is under a KiB; anything much longer is not one, and is not parsed.
 MAX_HEADER_BYTES = 1 << 16
+
+try:
+    from awscrt.checksums import crc32c as _crc32c
+except ImportError:  # installed without its dependencies: objects get zlib's CRC-32
+    _crc32c = None
+
+_CRC: Callable[[Any, int], int] = zlib.crc32 if _crc32c is None else _crc32c
+_CRC_KEY = "crc32" if _crc32c is None else "crc32c"
+"""The checksum this process writes, and its metadata key."""
+
 
 KVCache = Sequence[tuple[torch.Tensor, torch.Tensor]]
 _Entries = dict[str, tuple[torch.dtype, list[int], int]]
@@ -114,6 +126,63 @@ def check_group(
         raise FragmentError("stored tokens differ from the query's tokens")
 
 
+class Encoder:
+    """Objects of one row of a kvcache, encoded as views of its memory.
+
+    Built once per write of a row: where a tensor's memory already holds each head's
+    tokens contiguously (the usual ``[b, heads, n, head_dim]``), it keeps one byte view of
+    that memory, so each object's segments are plain slices of it and no tensor
+    operation runs per segment. Other layouts and device tensors are staged through one
+    contiguous host copy per layer and K or V when an object is encoded. The views are
+    valid while the caller's tensors are unchanged.
+    """
+
+    def __init__(self, kvcache: KVCache, row: int, *, first_head: int = 0) -> None:
+        first_key = kvcache[0][0]
+        self._kvcache = kvcache
+        self._row = row
+        self._first_head = first_head
+        self._held = first_key.size(1)
+        self._layout = (len(kvcache), first_key.size(3), first_key.dtype)
+        self._memory = [_strided_memory(source[row]) for layer in kvcache for source in layer]
+        self._needs_host = first_key.device.type != "cpu"
+
+    @property
+    def needs_host_copy(self) -> bool:
+        """Whether encoding copies from a device (a blocking copy: run it off the event loop)."""
+        return self._needs_host
+
+    def encode(
+        self, start: int, tokens: torch.Tensor, metadata: dict[str, str], *, head: int, kv_heads: int
+    ) -> list[memoryview]:
+        """The object of KV head ``head`` (of ``kv_heads``) for tokens ``[start,
+        start+len(tokens))``, as the buffers that make it up in order: the header, then the data."""
+        num_tokens = tokens.numel()
+        local = head - self._first_head
+        if not 0 <= head < kv_heads or not 0 <= local < self._held:
+            raise ValueError(
+                f"head {head} of {kv_heads} is not among the {self._held} heads held from head {self._first_head}"
+            )
+        end = start + num_tokens
+        data = [_bytes(tokens.to("cpu", torch.int64))]
+        sources = (source for layer in self._kvcache for source in layer)
+        for memory, source in zip(self._memory, sources, strict=True):
+            if memory is None:
+                data.extend(_views(source[self._row, local : local + 1, start:end, :]))
+            else:
+                view, first, head_step, token_step = memory
+                offset = first + local * head_step + start * token_step
+                data.append(view[offset : offset + num_tokens * token_step])
+        crc = 0
+        for segment in data:
+            crc = _CRC(segment, crc)
+        layers, head_dim, dtype = self._layout
+        header = _header(
+            layers, num_tokens, head_dim, dtype, {**metadata, **_head_metadata(head, kv_heads), _CRC_KEY: f"{crc:08x}"}
+        )
+        return [memoryview(header), *data]
+
+
 def encode_segments(
     kvcache: KVCache,
     row: int,
@@ -125,34 +194,10 @@ def encode_segments(
     kv_heads: int,
     first_head: int = 0,
 ) -> list[memoryview]:
-    """The object of KV head ``head`` (of ``kv_heads``) for tokens ``[start, start+len(tokens))``
-    of row ``row``; ``kvcache`` holds heads ``first_head, first_head + 1, ...``.
-
-    Returned as the buffers that make up the object in order: the header, then the data
-    as views of the caller's tensors wherever their memory is already laid out as the
-    fragment's (one view per layer and K or V in the usual ``[b, heads, n, head_dim]``
-    layout), so nothing is copied before the bytes go out. Other layouts and device
-    tensors are staged through one contiguous host copy per layer and K or V. The views
-    are valid while the caller's tensors are unchanged.
-    """
-    num_tokens = tokens.numel()
-    first_key = kvcache[0][0]
-    local = head - first_head
-    if not 0 <= head < kv_heads or not 0 <= local < first_key.size(1):
-        raise ValueError(
-            f"head {head} of {kv_heads} is not among the {first_key.size(1)} heads held from head {first_head}"
-        )
-    end = start + num_tokens
-    data = [_bytes(tokens.to("cpu", torch.int64))]
-    for keys, values in kvcache:
-        for source in (keys, values):
-            data.extend(_views(source[row, local : local + 1, start:end, :]))
-    crc = 0
-    for segment in data:
-        crc = zlib.crc32(segment, crc)
-    layout = (len(kvcache), num_tokens, first_key.size(3), first_key.dtype)
-    header = _header(*layout, {**metadata, **_head_metadata(head, kv_heads), "crc32": f"{crc:08x}"})
-    return [memoryview(header), *data]
+    """One object (see :class:`Encoder`, which a writer of many objects keeps): KV head
+    ``head`` of ``kv_heads`` for tokens ``[start, start+len(tokens))`` of row ``row``;
+    ``kvcache`` holds heads ``first_head, first_head + 1, ...``."""
+    return Encoder(kvcache, row, first_head=first_head).encode(start, tokens, metadata, head=head, kv_heads=kv_heads)
 
 
 def encoded_size(
@@ -160,7 +205,7 @@ def encoded_size(
 ) -> int:
     """The exact size of the object :func:`encode_segments` makes for this layout and
     metadata: a reader that knows the layout fetches an object without probing it."""
-    header = _header(layers, tokens, head_dim, dtype, {**metadata, **_head_metadata(head, kv_heads), "crc32": "0" * 8})
+    header = _header(layers, tokens, head_dim, dtype, {**metadata, **_head_metadata(head, kv_heads), _CRC_KEY: "0" * 8})
     return len(header) + tokens * 8 + layers * 2 * tokens * head_dim * dtype.itemsize
 
 
@@ -189,6 +234,29 @@ def _header(layers: int, tokens: int, head_dim: int, dtype: torch.dtype, metadat
 def _bytes(tensor: torch.Tensor) -> memoryview:
     """The bytes of a contiguous CPU tensor, without a copy (keeps the tensor alive)."""
     return tensor.contiguous().reshape(-1).view(torch.uint8).numpy().data
+
+
+def _check_crc(metadata: dict[str, str], data: memoryview) -> None:
+    """Raise :class:`FragmentError` unless the data section has the checksum its metadata names."""
+    if "crc32c" in metadata:
+        if _crc32c is None:
+            raise FragmentError("object has a crc32c checksum and awscrt, which computes it, is not installed")
+        stored, computed = metadata["crc32c"], f"{_crc32c(data):08x}"
+    else:
+        stored, computed = metadata.get("crc32", "none"), f"{zlib.crc32(data):08x}"
+    if stored != computed:
+        raise FragmentError(f"checksum mismatch: stored {stored!r}, computed {computed!r}")
+
+
+def _strided_memory(block: torch.Tensor) -> tuple[memoryview, int, int, int] | None:
+    """For a CPU ``block`` ([heads, n, head_dim]) whose heads each hold their tokens
+    contiguously: a byte view of its storage, the byte offset of head 0 token 0, and the
+    byte steps between heads and between tokens; else ``None``."""
+    if block.device.type != "cpu" or block.stride(2) != 1 or block.stride(1) != block.size(2):
+        return None
+    item = block.element_size()
+    memory = torch.empty(0, dtype=torch.uint8).set_(block.untyped_storage()).numpy().data
+    return memory, int(block.storage_offset()) * item, block.stride(0) * item, block.stride(1) * item
 
 
 def _views(block: torch.Tensor) -> list[memoryview]:
@@ -235,9 +303,7 @@ def decode(buf: bytearray | memoryview) -> Fragment:
         raise FragmentError(
             f"not a version {VERSION} fragment (format={metadata.get('format')!r}, version={metadata.get('version')!r})"
         )
-    crc = f"{zlib.crc32(view[data_start:]):08x}"
-    if metadata.get("crc32") != crc:
-        raise FragmentError(f"checksum mismatch: stored {metadata.get('crc32')!r}, computed {crc!r}")
+    _check_crc(metadata, view[data_start:])
     tensors = {
         name: torch.frombuffer(buf, dtype=dtype, offset=data_start + begin, count=math.prod(shape)).view(shape)
         for name, (dtype, shape, begin) in entries.items()

@@ -394,8 +394,9 @@ class AsyncVUA:
         for row, (ids, chain, numbers) in enumerate(zip(sequences, chains, missing, strict=True)):
             for number in numbers:
                 todo.setdefault(chain[number].key, (row, ids, chain[number]))
+        encoders = {row: fragment.Encoder(kvcache, row, first_head=heads.start) for row, _, _ in todo.values()}
         await gather_or_cancel(
-            *(self._write_group(kvcache, row, 0, ids, group, heads) for row, ids, group in todo.values())
+            *(self._write_group(encoders[row], 0, ids, group, heads) for row, ids, group in todo.values())
         )
         return len(todo)
 
@@ -417,9 +418,8 @@ class AsyncVUA:
         share with :meth:`put`."""
         heads = self._held_heads(kvcache, heads)
         chain = self._groups(ids, salt, heads)
-        await gather_or_cancel(
-            *(self._write_group(kvcache, 0, kv_start, ids, chain[number], heads) for number in groups)
-        )
+        encoder = fragment.Encoder(kvcache, 0, first_head=heads.start)
+        await gather_or_cancel(*(self._write_group(encoder, kv_start, ids, chain[number], heads) for number in groups))
 
     def _held_heads(self, kvcache: KVCache, heads: HeadRange | None) -> HeadRange:
         """The heads ``kvcache`` holds, checked against its shape; remembered as the model's."""
@@ -434,31 +434,29 @@ class AsyncVUA:
         return heads
 
     async def _write_group(
-        self, kvcache: KVCache, row: int, kv_start: int, ids: torch.Tensor, group: _Group, heads: HeadRange
+        self, encoder: fragment.Encoder, kv_start: int, ids: torch.Tensor, group: _Group, heads: HeadRange
     ) -> None:
         """The one group writer: one object per head, the representative last, so finding
         it means this writer stored the rest."""
         others = [head for head in heads.heads if head != heads.representative]
-        await gather_or_cancel(*(self._write_head(kvcache, row, kv_start, ids, group, heads, h) for h in others))
-        await self._write_head(kvcache, row, kv_start, ids, group, heads, heads.representative)
+        await gather_or_cancel(*(self._write_head(encoder, kv_start, ids, group, heads, h) for h in others))
+        await self._write_head(encoder, kv_start, ids, group, heads, heads.representative)
 
     async def _write_head(
-        self, kvcache: KVCache, row: int, kv_start: int, ids: torch.Tensor, group: _Group, heads: HeadRange, head: int
+        self, encoder: fragment.Encoder, kv_start: int, ids: torch.Tensor, group: _Group, heads: HeadRange, head: int
     ) -> None:
-        """One object: it goes out as views of the caller's tensors."""
+        """One object: it goes out as views of the caller's tensors. Host memory is encoded
+        on the loop (slicing views and a CRC that releases the GIL: handing each object to a
+        thread costs more in GIL hand-offs); device memory is copied out on a thread."""
         size = self._config.split_factor
         start = group.number * size
         metadata = fragment.group_metadata(self._config.namespace, size, group.number, group.digest, group.parent)
         key = fragment_key(self._config.namespace, group.digest, head)
+        encode = functools.partial(
+            encoder.encode, start - kv_start, ids[start : start + size], metadata, head=head, kv_heads=heads.total
+        )
         async with self._limit():
-            segments = await asyncio.to_thread(
-                functools.partial(fragment.encode_segments, head=head, kv_heads=heads.total, first_head=heads.start),
-                kvcache,
-                row,
-                start - kv_start,
-                ids[start : start + size],
-                metadata,
-            )
+            segments = await asyncio.to_thread(encode) if encoder.needs_host_copy else encode()
             await self._store.put_segments(key, segments)
         self._known.add(ObjectInfo(key=key, size=sum(map(len, segments)), last_modified=time.time()))
 
