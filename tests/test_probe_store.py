@@ -173,10 +173,10 @@ class _FailAfterFirstWave(CountingStore):
         super().__init__(open_store(location))
         self.proxy = proxy
 
-    async def head_many(self, keys):  # type: ignore[no-untyped-def]
+    async def head_siblings(self, sets):  # type: ignore[no-untyped-def]
         if self.waves == 1:
             self.proxy.faults = [Fault("status", method="HEAD", status=503, code="SlowDown")]
-        return await super().head_many(keys)
+        return await super().head_siblings(sets)
 
 
 @pytest.fixture

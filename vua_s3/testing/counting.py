@@ -1,4 +1,4 @@
-"""A store that counts its probes: HEADs and waves (round trips), for the lookup bench and tests."""
+"""A store that counts its probes: keys, requests and waves (round trips), for the benches and tests."""
 
 from __future__ import annotations
 
@@ -8,23 +8,34 @@ from ..storage import Buffer, ObjectInfo, Store
 
 
 class CountingStore(Store):
-    """Another store, unchanged, with ``heads`` (keys probed) and ``waves`` (``head_many``
-    calls asking for at least one key) counted since the last :meth:`reset`."""
+    """Another store, unchanged, with ``heads`` (keys probed), ``requests`` (probe requests an
+    S3 store sends: one per key of ``head_many``, one per set of ``head_siblings``) and
+    ``waves`` (probe calls asking for at least one key) counted since the last :meth:`reset`."""
 
     def __init__(self, inner: Store) -> None:
         self.inner = inner
         self.url = inner.url
         self.heads = 0
+        self.requests = 0
         self.waves = 0
 
     def reset(self) -> None:
-        self.heads = self.waves = 0
+        self.heads = self.requests = self.waves = 0
 
     async def head_many(self, keys: Sequence[str]) -> list[ObjectInfo | None]:
         if keys:
             self.heads += len(keys)
+            self.requests += len(keys)
             self.waves += 1
         return await self.inner.head_many(keys)
+
+    async def head_siblings(self, sets: Sequence[Sequence[str]]) -> list[list[ObjectInfo | None]]:
+        asked = [keys for keys in sets if keys]
+        if asked:
+            self.heads += sum(map(len, asked))
+            self.requests += len(asked)
+            self.waves += 1
+        return await self.inner.head_siblings(sets)
 
     async def get(self, key: str, size: int | None = None) -> bytearray:
         return await self.inner.get(key, size)
