@@ -26,6 +26,7 @@ def test_bench_tp_counts_requests_and_bytes_per_group(capsys: pytest.CaptureFixt
         assert (row["lookup_lists"], row["lookup_heads"], row["lookup_waves"]) == (3, 0, 1)
         assert row["gets_per_group"] == max(heads, reader)  # a replicated head is read by each rank holding it
         assert row["mib_read_per_group"] == pytest.approx(row["mib_written_per_group"] * max(heads, reader) / heads)
+        assert row["lookup_store_requests"] is None  # a POSIX store counts nothing itself
 
     assert main([*argv[:2], "tiny", "--writers", "2", "--readers", "1", "--split-factor", "16"]) == 0
     assert "| tiny | 2 | 2 | 1 | 2 | 2 + 0 | 1 | 2 |" in capsys.readouterr().out
@@ -37,6 +38,7 @@ def test_bench_tp_on_s3_deletes_what_it_stored(moto_server: EmbeddedS3, capsys: 
     assert main([*argv, "--split-factor", "16", "--json"]) == 0
     (row,) = json.loads(capsys.readouterr().out)["rows"]
     assert row["exact"] and row["lookup_lists"] == 2
+    assert row["lookup_store_requests"] == {"list_objects_v2": 2}  # as the S3 store counted them
     listing = moto_server.client().list_objects_v2(Bucket=moto_server.bucket, Prefix=prefix)
     assert listing.get("KeyCount") == 0, "the bench deletes what it stored"
 

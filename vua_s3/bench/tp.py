@@ -18,6 +18,7 @@ import datetime
 import os
 import tempfile
 import uuid
+from collections import Counter
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -84,8 +85,11 @@ async def _one_writer(
     for reader in options.readers:
         store.reset()
         every = HeadRange.all(shape.kv_heads)
+        before = _store_requests(store)
         found = await AsyncVUA(config, store).lookup(tokens, heads=every)
         lookup = {"requests": store.requests, "lists": store.lists, "waves": store.waves}
+        after = _store_requests(store)
+        sent = None if before is None or after is None else dict(after - before)
         store.reset()
         exact = found == tokens.numel()
         for rank in range(reader):
@@ -107,6 +111,7 @@ async def _one_writer(
                 "lookup_lists": lookup["lists"],
                 "lookup_heads": lookup["requests"] - lookup["lists"],
                 "lookup_waves": lookup["waves"],
+                "lookup_store_requests": sent,
                 "gets_per_group": store.gets / groups,
                 "mib_read_per_group": store.bytes_in / groups / MIB,
                 "mib_read_per_rank": store.bytes_in / groups / reader / MIB,
@@ -155,6 +160,12 @@ def run_tp_bench(options: TpBenchOptions) -> dict[str, Any]:
         "groups": options.groups,
         "rows": rows,
     }
+
+
+def _store_requests(store: CountingStore) -> Counter[str] | None:
+    """What the store itself counted (an S3 store counts its requests by operation), else ``None``."""
+    sent = getattr(store.inner, "requests", None)
+    return Counter(sent) if isinstance(sent, Counter) else None
 
 
 def _usable(sizes: Sequence[int], shape: ModelShape) -> list[int]:
