@@ -5,7 +5,7 @@ A backend maps relative keys (``keys.py``) to objects. Contract:
 * ``put`` is atomic: a reader sees all of an object or nothing, and concurrent puts
   of the same key are safe (last writer wins; vua_s3 writes identical bytes).
 * ``head_many`` and ``head_siblings`` are one concurrent wave, never one request after another.
-* A missing key is ``None`` from ``head_many`` and :class:`ObjectNotFoundError` from
+* A missing key is ``None`` from ``head_many``/``head_siblings`` and :class:`ObjectNotFoundError` from
   ``get``; refused access is :class:`AccessDeniedError`; anything else that fails is
   :class:`StoreError`. A miss is never reported as an error, nor an error as a miss.
 
