@@ -40,11 +40,12 @@ def test_bench_json_has_every_figure_beside_its_floor(server: str, capsys, reque
     assert "seconds" in floor["head"]
     for name in ("put_stored", "put_stored_cached", "lookup_full", "lookup_half", "lookup_miss"):
         assert set(vua[name]) >= FIGURE
-    # An already-stored prompt is probe-only: HEADs (none when this process just stored it).
-    assert vua["put_stored"]["requests"] == {"head_object": 4}
+    # An already-stored prompt is probe-only: one LIST of a group's 2 head objects per probed
+    # group (none when this process just stored it).
+    assert vua["put_stored"]["requests"] == {"list_objects_v2": 4}
     assert vua["put_stored_cached"]["requests"] == {}
-    assert vua["lookup_miss"]["requests"] == {"head_object": 4}
-    assert vua["put_cold"]["requests"] == {"head_object": 4, "put_object": 8}  # one object per group and KV head
+    assert vua["lookup_miss"]["requests"] == {"list_objects_v2": 4}
+    assert vua["put_cold"]["requests"] == {"list_objects_v2": 4, "put_object": 8}  # one object per group and KV head
     assert report["checks"] == {
         "put_written": 4,
         "reput_written": 0,
@@ -56,7 +57,7 @@ def test_bench_json_has_every_figure_beside_its_floor(server: str, capsys, reque
         "posix_get_tokens": 64,
         "original_get_tokens": 64,
     }
-    assert vua["lookup_long"]["requests"] == {"head_object": 6}  # the search (probe_waves=4), not 12 HEADs
+    assert vua["lookup_long"]["requests"] == {"list_objects_v2": 6}  # the search (probe_waves=4), not 12 probes
     assert set(vua["get_cold"]) >= RATE  # a new process's first get_closest
     assert set(floor["page_faults"]) >= RATE
     clients = report["clients"]

@@ -78,17 +78,18 @@ def test_any_kv_layout_round_trips(location: str) -> None:
 
 
 class CountingHeads:
-    """Wraps a store's head_many to count the keys it probes."""
+    """Wraps a store's head_siblings to count the probe requests it is asked for: one per
+    group (the group's head objects together)."""
 
     def __init__(self, store: Store) -> None:
         self.keys = 0
-        original = store.head_many
+        original = store.head_siblings
 
-        async def head_many(keys):  # type: ignore[no-untyped-def]
-            self.keys += len(keys)
-            return await original(keys)
+        async def head_siblings(sets):  # type: ignore[no-untyped-def]
+            self.keys += len(sets)
+            return await original(sets)
 
-        store.head_many = head_many  # type: ignore[method-assign]
+        store.head_siblings = head_siblings  # type: ignore[method-assign]
 
 
 def test_known_present_keys_skip_the_probe_and_vanished_ones_are_forgotten(location: str) -> None:
@@ -146,10 +147,11 @@ def test_receive_buffers_are_reused_across_reads(moto_server) -> None:  # type: 
 
 
 def test_heads_go_direct_and_fall_back_to_botocore(location: str) -> None:
-    """Probes skip botocore's pipeline; when the direct path fails, botocore answers instead."""
+    """HEADs (probes of one head) skip botocore's pipeline; when the direct path fails,
+    botocore answers instead."""
     if not location.startswith("s3://"):
         pytest.skip("S3 only")
-    kv = random_kvcache(seq_len=32)
+    kv = random_kvcache(seq_len=32, heads=1)
     botocore_heads = []
     session = aioboto3.Session()
     session.events.register("before-call.s3.HeadObject", lambda **_: botocore_heads.append(1))

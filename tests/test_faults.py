@@ -31,7 +31,7 @@ import pytest
 import torch
 from conftest import assert_kv_equal, random_kvcache, unique_prefix
 
-from vua_s3 import VUA, AccessDeniedError, StoreUnavailableError, VUAConfig
+from vua_s3 import VUA, AccessDeniedError, HeadRange, StoreUnavailableError, VUAConfig
 from vua_s3.testing.faultproxy import Fault, FaultProxy
 from vua_s3.testing.moto import EMBEDDED_CREDENTIALS, EMBEDDED_REGION, EmbeddedS3, free_port
 
@@ -226,18 +226,24 @@ def test_transient_errors_are_retried_and_succeed(moto_server, proxy, prefix, re
 
 
 def test_persistent_slowdown_is_bounded(moto_server, proxy, prefix, caplog) -> None:  # type: ignore[no-untyped-def]
-    """Retries stop after max_attempts per request; then reads miss and writes raise."""
-    proxy.faults = [Fault("status", method="HEAD", path_contains=prefix + "/")]
+    """Retries stop after max_attempts per request; then reads miss and writes raise. Probes
+    are HEADs (one head: a fresh object's lookup) and LISTs (every head: put's probe)."""
+    proxy.faults = [
+        Fault("status", method="HEAD", path_contains=prefix + "/"),
+        Fault("status", method="GET", query_contains="list-type=2"),
+    ]
     url = url_via(moto_server.bucket, proxy.endpoint_url, prefix, "&max_attempts=2")
     with VUA(CFG, url) as vua, caplog.at_level(logging.WARNING, logger="vua_s3"):
         assert vua.lookup(TOKENS) == 0
-        tries = Counter(r.path for r in proxy.requests if r.fault == "status")
+        tries = Counter((r.path, r.query) for r in proxy.requests if r.fault == "status")
         assert max(tries.values()) == 2  # max_attempts=2 per request, then the query gives up
         assert vua.get_closest(TOKENS) is None
         assert len(outage_warnings(caplog)) == 1
         assert "failed after retries: 503" in outage_warnings(caplog)[0]  # a HEAD answer has no error body
-        with pytest.raises(StoreUnavailableError, match=r"head_object .* failed after retries: 503"):
+        with pytest.raises(StoreUnavailableError, match=r"list_objects_v2 .* failed after retries: SlowDown"):
             vua.put(TOKENS, KV)
+        lists = Counter(r.query for r in proxy.requests if r.fault == "status" and "list-type=2" in r.query)
+        assert max(lists.values()) == 2  # a LIST too: max_attempts=2, then the probe gives up
     with VUA(CFG, url, strict=True) as vua, pytest.raises(StoreUnavailableError, match="503"):
         vua.lookup(TOKENS)
 
@@ -278,20 +284,25 @@ def test_endpoint_down_raises_when_strict(moto_server, proxy, prefix) -> None:  
 
 
 def test_slow_endpoint_is_a_miss_after_the_timeout(moto_server, proxy, prefix, caplog) -> None:  # type: ignore[no-untyped-def]
+    # 1 s: a lookup's LISTs go through botocore, heavier than the direct HEAD; at load 8 a 0.5 s bound
+    # failed this test in 2 runs of 20
     url = url_via(moto_server.bucket, proxy.endpoint_url, prefix)
-    with VUA(CFG, url, timeout=0.5) as vua, caplog.at_level(logging.WARNING, logger="vua_s3"):
+    with VUA(CFG, url, timeout=1.0) as vua, caplog.at_level(logging.WARNING, logger="vua_s3"):
         vua.put(TOKENS, KV)
-        proxy.faults = [Fault("delay", method="GET", delay=3.0)]
+        proxy.faults = [Fault("delay", method="GET", path_contains="/default/", delay=3.0)]  # object reads
         assert vua.get_closest(TOKENS) is None
         assert vua.get_closest(TOKENS) is None
         assert len(outage_warnings(caplog)) == 1
-        assert "timeout=0.5s" in outage_warnings(caplog)[0]
-        assert vua.lookup(TOKENS) == 64  # HEADs are not delayed: the outage is over
-        proxy.faults = [Fault("delay", method="HEAD", delay=3.0)]
+        assert "timeout=1.0s" in outage_warnings(caplog)[0]
+        assert vua.lookup(TOKENS) == 64  # probes (LISTs of every head) are not delayed: the outage is over
+        proxy.faults = [
+            Fault("delay", method="GET", query_contains="list-type=2", delay=3.0),
+            Fault("delay", method="HEAD", delay=3.0),  # a fresh object's lookup probes head 0 alone
+        ]
         assert vua.lookup(TOKENS) == 0
         assert len(outage_warnings(caplog)) == 2
-    strict = VUA(CFG, url, timeout=0.5, strict=True)
-    with strict, pytest.raises(StoreUnavailableError, match=r"lookup on s3://vua-cache/.*timeout=0\.5s"):
+    strict = VUA(CFG, url, timeout=1.0, strict=True)
+    with strict, pytest.raises(StoreUnavailableError, match=r"lookup on s3://vua-cache/.*timeout=1\.0s"):
         strict.lookup(TOKENS)
 
 
@@ -389,17 +400,22 @@ def test_access_denied_raises_naming_bucket_and_operation(moto_server, proxy, pr
     [
         ("PUT", "put", r"put_object on s3://vua-cache/t-\w+/default/.* was refused \(AccessDenied\)"),
         ("GET", "get_closest", r"get_object on s3://vua-cache/t-\w+/default/.* was refused \(AccessDenied\)"),
-        ("HEAD", "lookup", r"head_object on s3://vua-cache/t-\w+/default/.* was refused \(403\)"),
+        ("HEAD", "lookup of one head", r"head_object on s3://vua-cache/t-\w+/default/.* was refused \(403\)"),
+        ("LIST", "lookup", r"list_objects_v2 on s3://vua-cache/t-\w+/default/.* was refused \(AccessDenied\)"),
     ],
 )
 def test_missing_permission_raises_even_when_not_strict(moto_server, proxy, prefix, method, verb, message) -> None:  # type: ignore[no-untyped-def]
     with VUA(CFG, url_via(moto_server.bucket, proxy.endpoint_url, prefix)) as vua:
         if verb != "put":
             vua.put(TOKENS, KV)
-        proxy.faults = [Fault("status", method=method, status=403, code="AccessDenied", path_contains="/default/")]
+        where = {"path_contains": "/default/"} if method != "LIST" else {"query_contains": "list-type=2"}
+        method = "GET" if method == "LIST" else method
+        proxy.faults = [Fault("status", method=method, status=403, code="AccessDenied", **where)]  # type: ignore[arg-type]
         with pytest.raises(AccessDeniedError, match=message):
             if verb == "put":
                 vua.put(TOKENS, KV)
+            elif verb == "lookup of one head":
+                vua.lookup(TOKENS, heads=HeadRange(0, 1, 2))
             else:
                 getattr(vua, verb)(TOKENS)
 

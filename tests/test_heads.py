@@ -25,22 +25,25 @@ def heads_of(kv: list[tuple[torch.Tensor, torch.Tensor]], heads: HeadRange) -> l
 
 
 class Counting:
-    """Counts the keys a store is asked to probe and to read."""
+    """Counts the probe requests a store is asked for (one per set of keys), the keys
+    they probe and the keys read."""
 
     def __init__(self, store: Store) -> None:
+        self.probes = 0
         self.heads: list[str] = []
         self.gets: list[str] = []
-        head_many, get_into = store.head_many, store.get_into
+        head_siblings, get_into = store.head_siblings, store.get_into
 
-        async def counted_head_many(keys):  # type: ignore[no-untyped-def]
-            self.heads += keys
-            return await head_many(keys)
+        async def counted_head_siblings(sets):  # type: ignore[no-untyped-def]
+            self.probes += len(sets)
+            self.heads += [key for keys in sets for key in keys]
+            return await head_siblings(sets)
 
         async def counted_get_into(key, out):  # type: ignore[no-untyped-def]
             self.gets.append(key)
             return await get_into(key, out)
 
-        store.head_many = counted_head_many  # type: ignore[method-assign]
+        store.head_siblings = counted_head_siblings  # type: ignore[method-assign]
         store.get_into = counted_get_into  # type: ignore[method-assign]
 
 
@@ -62,10 +65,10 @@ def test_writers_and_readers_of_any_tp_size_share_objects(location: str, writer:
             hit = fresh.get_closest(TOKENS, heads=heads)
             assert hit is not None and torch.equal(hit.tokens, TOKENS)
             assert_kv_equal(hit.data, heads_of(kv, heads))
-        # one probe per group per lookup (get_closest reuses what the lookup found), and
-        # exactly the objects of the reader's heads
-        assert len(counting.heads) == reader * 4
-        assert len(counting.gets) == 4 * reader * max(1, KV_HEADS // reader)
+        # one probe request per group per lookup, asking for every head of the rank
+        # (get_closest reuses what the lookup found), and exactly the objects of its heads
+        assert counting.probes == reader * 4
+        assert len(counting.heads) == len(counting.gets) == 4 * reader * max(1, KV_HEADS // reader)
         everything = fresh.get_closest(TOKENS)
         assert everything is not None
         assert_kv_equal(everything.data, kv)
@@ -93,7 +96,8 @@ def test_an_all_heads_reader_learns_the_head_count_once(location: str) -> None:
 
 
 def test_a_missing_head_of_another_writer_ends_the_prefix(location: str, caplog) -> None:  # type: ignore[no-untyped-def]
-    """The probe sees head 0 (rank 0's); rank 1 never stored group 2: the load finds out."""
+    """Rank 1's head 3 of group 2 is missing: a lookup that asks for it, or for every head
+    once the object knows how many, ends the prefix there, and so does the load."""
     kv = random_kvcache(layers=2, seq_len=64, heads=KV_HEADS, head_dim=8)
     with VUA(CFG, location) as vua:
         for rank in range(2):
@@ -103,11 +107,13 @@ def test_a_missing_head_of_another_writer_ends_the_prefix(location: str, caplog)
         digest = group_digests(token_ids(TOKENS, 16), 16, CFG.namespace, None)[2]
         asyncio.run(vua.store.delete(fragment_key(CFG.namespace, digest, 3)))
     with VUA(CFG, location) as reader:
-        assert reader.lookup(TOKENS) == 64  # one probe per group: may overstate, never understates
-        assert reader.lookup(TOKENS, heads=rank_heads(2, 1, KV_HEADS)) == 64  # head 2 is there
+        assert reader.lookup(TOKENS) == 64  # the head count unknown yet: head 0 only, may overstate
+        assert reader.lookup(TOKENS, heads=rank_heads(2, 1, KV_HEADS)) == 32  # heads 2 and 3 checked
+        assert reader.lookup(TOKENS, heads=rank_heads(2, 0, KV_HEADS)) == 64
         with caplog.at_level(logging.INFO, logger="vua_s3"):
             hit = reader.get_closest(TOKENS)
         assert hit is not None and hit.tokens.numel() == 32
+        assert reader.lookup(TOKENS) == 32  # the load told it 4 heads: all are checked now
         assert_kv_equal(hit.data, [(k[:, :, :32], v[:, :, :32]) for k, v in kv])
         rank0 = reader.get_closest(TOKENS, heads=rank_heads(2, 0, KV_HEADS))
         assert rank0 is not None and rank0.tokens.numel() == 64  # rank 0's heads are all there

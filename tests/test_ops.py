@@ -113,11 +113,20 @@ def test_doctor_refused_access_names_the_permission(moto_server, proxy) -> None:
     assert delete.status == FAIL and "s3:DeleteObject" in delete.fix
 
 
+def test_doctor_names_list_bucket_when_lookups_cannot_list(moto_server, proxy) -> None:  # type: ignore[no-untyped-def]
+    proxy.faults = [Fault("status", method="GET", query_contains="list-type=2", status=403, code="AccessDenied")]
+    url = f"s3://{moto_server.bucket}/p?endpoint_url={proxy.endpoint_url}&region=us-east-1&addressing=path"
+    checks = doctor(url)
+    assert all(c.status != FAIL for c in checks if c.name in ("put", "get", "delete"))
+    fragments = next(c for c in checks if c.name == "fragments")
+    assert fragments.status == FAIL and "s3:ListBucket" in fragments.fix
+
+
 def test_doctor_on_posix(tmp_path, capsys) -> None:  # type: ignore[no-untyped-def]
     assert main(["doctor", str(tmp_path)]) == 0
     out = capsys.readouterr().out
     assert "mode 640" in out
-    assert "format 2: 2 objects (one per KV head), round trip" in out
+    assert "format 2: 2 objects (one per KV head), lookup and round trip" in out
     assert list(tmp_path.iterdir()) == []
 
 

@@ -75,9 +75,9 @@ def test_lookup_is_exact_for_every_hit_length(location: str, stored: CountingSto
         for n, hit in cases(location, waves):
             stored.reset()
             assert await vua.lookup(query(n, hit)) == hit * SPLIT, (n, hit)
-            assert stored.heads <= worst_case(n, waves) and stored.waves <= waves, (n, hit)
+            assert stored.requests <= worst_case(n, waves) and stored.waves <= waves, (n, hit)
             if waves == 1:
-                assert stored.heads == n
+                assert stored.requests == n
 
     asyncio.run(main())
 
@@ -88,7 +88,7 @@ def test_lookup_asks_the_store_every_time(stored: CountingStore) -> None:
         for _ in range(2):
             stored.reset()
             assert await vua.lookup(STORED) == GROUPS * SPLIT
-            assert stored.waves == 1 and 0 < stored.heads <= 6  # first and last key, and a few between
+            assert stored.waves == 1 and 0 < stored.requests <= 6  # first and last key, and a few between
 
     asyncio.run(main())
 
@@ -100,9 +100,9 @@ def test_put_uploads_only_the_missing_suffix_with_few_probes(location: str) -> N
         vua = AsyncVUA(CFG, store)  # a fresh object: nothing known, every answer from the store
         store.reset()
         assert await vua.put(STORED, KV) == GROUPS - 40
-        assert store.heads <= worst_case(GROUPS, 4) < GROUPS and store.waves <= 4
+        assert store.requests <= worst_case(GROUPS, 4) < GROUPS and store.waves <= 4
         store.reset()
-        assert await vua.put(STORED, KV) == 0 and store.heads == 0  # all known to be stored now
+        assert await vua.put(STORED, KV) == 0 and store.requests == 0  # all known to be stored now
         hit = await AsyncVUA(CFG, store).get_closest(STORED)
         assert hit is not None and torch.equal(hit.tokens, STORED)
         assert_kv_equal(hit.data, KV)
@@ -173,10 +173,10 @@ class _FailAfterFirstWave(CountingStore):
         super().__init__(open_store(location))
         self.proxy = proxy
 
-    async def head_many(self, keys):  # type: ignore[no-untyped-def]
+    async def head_siblings(self, sets):  # type: ignore[no-untyped-def]
         if self.waves == 1:
             self.proxy.faults = [Fault("status", method="HEAD", status=503, code="SlowDown")]
-        return await super().head_many(keys)
+        return await super().head_siblings(sets)
 
 
 @pytest.fixture

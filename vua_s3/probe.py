@@ -77,8 +77,8 @@ def _waves_used(length: int, waves: int) -> int:
 async def stored_prefix(keys: Sequence[K], head_many: HeadMany[K], waves: int) -> int:
     """How many leading ``keys`` exist, in at most ``waves`` calls of ``head_many``.
 
-    ``keys`` may be anything ``head_many`` understands, e.g. one representative key per
-    group for all ranks of an engine. An error from ``head_many`` propagates.
+    ``keys`` may be anything ``head_many`` understands, e.g. per group the keys of every
+    head a reader needs, answered by one request each. An error from ``head_many`` propagates.
     """
     if isinstance(waves, bool) or not isinstance(waves, int) or waves < 1:
         raise ValueError(f"waves must be a positive integer, got {waves!r}")

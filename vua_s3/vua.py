@@ -57,11 +57,16 @@ class _Interrupted(Generic[_T]):
 class _Group(NamedTuple):
     """One group of one sequence: where it lives and what it must contain."""
 
-    key: str
-    """The key of the head probed for the group (see ``HeadRange.representative``)."""
+    keys: tuple[str, ...]
+    """The keys a probe requires of the group, the representative's first (``AsyncVUA._probed``)."""
     digest: bytes
     parent: bytes | None
     number: int
+
+    @property
+    def key(self) -> str:
+        """The representative's key, which its writer stores after the group's other heads."""
+        return self.keys[0]
 
 
 class _KnownPresent:
@@ -320,43 +325,62 @@ class AsyncVUA:
             limit = self._limits[loop] = asyncio.Semaphore(self._max_inflight)
         return limit
 
-    async def _probe(self, keys: Sequence[str], *, trust_known: bool = True) -> list[ObjectInfo | None]:
-        """One wave of HEADs for the keys not known to be present (all of them unless
-        ``trust_known``); what it finds is remembered."""
-        infos = [self._known.get(key) if trust_known else None for key in keys]
+    def _known_stored(self, group: _Group) -> ObjectInfo | None:
+        """The representative's info if this object knows every key of ``group`` present."""
+        infos = [self._known.get(key) for key in group.keys]
+        return infos[0] if all(info is not None for info in infos) else None
+
+    async def _probe(self, groups: Sequence[_Group], *, trust_known: bool = True) -> list[ObjectInfo | None]:
+        """One wave, one request per group not known to be stored (every group unless
+        ``trust_known``): a group is stored if all its keys are, and answers with its
+        representative's info. What the wave finds is remembered key by key."""
+        infos = [self._known_stored(group) if trust_known else None for group in groups]
         unknown = [i for i, info in enumerate(infos) if info is None]
         if unknown:
-            found = await self._store.head_many([keys[i] for i in unknown])
-            for i, info in zip(unknown, found, strict=True):
-                infos[i] = info
-                if info is None:
-                    self._known.add_missing(keys[i])
-                else:
-                    self._known.add(info)
+            found = await self._store.head_siblings([groups[i].keys for i in unknown])
+            for i, heads in zip(unknown, found, strict=True):
+                for key, info in zip(groups[i].keys, heads, strict=True):
+                    if info is None:
+                        self._known.add_missing(key)
+                    else:
+                        self._known.add(info)
+                infos[i] = heads[0] if all(info is not None for info in heads) else None
         return infos
 
-    async def _stored_prefix(self, keys: Sequence[str], *, trust_known: bool) -> int:
-        """How many leading ``keys`` are stored, found in at most ``probe_waves`` waves."""
+    async def _stored_prefix(self, groups: Sequence[_Group], *, trust_known: bool) -> int:
+        """How many leading ``groups`` are stored, found in at most ``probe_waves`` waves."""
 
-        async def head_many(batch: Sequence[str]) -> list[ObjectInfo | None]:
+        async def head_many(batch: Sequence[_Group]) -> list[ObjectInfo | None]:
             return await self._probe(batch, trust_known=trust_known)
 
-        return await stored_prefix(keys, head_many, self._probe_waves)
+        return await stored_prefix(groups, head_many, self._probe_waves)
 
-    async def _missing(self, keys: Sequence[str]) -> list[int]:
+    async def _missing(self, groups: Sequence[_Group]) -> list[int]:
         """The groups ``put`` must upload: those from the end of the stored prefix on, and
-        any before it this object saw missing (a hole is filled, not trusted to the chain)."""
+        any before it this object saw missing a head (a hole is filled, not trusted to the chain)."""
         missing: list[int] = []
         start = 0
+        seen_missing = [any(self._known.seen_missing(key) for key in group.keys) for group in groups]
         while True:
-            hole = next((i for i in range(start, len(keys)) if self._known.seen_missing(keys[i])), len(keys))
+            hole = next((i for i in range(start, len(groups)) if seen_missing[i]), len(groups))
             # A group known to be stored vouches for those before it, as the search's probes do.
-            lo = max((i + 1 for i in range(start, hole) if self._known.get(keys[i]) is not None), default=start)
-            end = lo + await self._stored_prefix(keys[lo:hole], trust_known=True)
-            if end < hole or hole == len(keys):
-                return missing + list(range(end, len(keys)))
+            known = (i + 1 for i in range(start, hole) if self._known_stored(groups[i]) is not None)
+            lo = max(known, default=start)
+            end = lo + await self._stored_prefix(groups[lo:hole], trust_known=True)
+            if end < hole or hole == len(groups):
+                return missing + list(range(end, len(groups)))
             missing.append(hole)
             start = hole + 1
+
+    def _probed(self, heads: HeadRange | None) -> list[int]:
+        """The heads a probe requires of each group, the representative first: those asked
+        for; for every head (``None``), the model's once this object knows how many from a
+        put or a load, else the representative alone (the loads then verify the others)."""
+        if heads is None:
+            if self._kv_heads is None:
+                return [0]
+            heads = HeadRange.all(self._kv_heads)
+        return [heads.representative, *(head for head in heads.heads if head != heads.representative)]
 
     def _groups(self, ids: torch.Tensor, salt: str | None, heads: HeadRange | None = None) -> list[_Group]:
         if salt is not None and not isinstance(salt, str):
@@ -365,9 +389,9 @@ class AsyncVUA:
             raise TypeError(f"heads must be a vua_s3.HeadRange or None, got {type(heads).__name__}")
         cfg = self._config
         digests = group_digests(ids, cfg.split_factor, cfg.namespace, salt)
-        probed = 0 if heads is None else heads.representative
+        probed = self._probed(heads)
         return [
-            _Group(fragment_key(cfg.namespace, d, probed), d, digests[i - 1] if i else None, i)
+            _Group(tuple(fragment_key(cfg.namespace, d, h) for h in probed), d, digests[i - 1] if i else None, i)
             for i, d in enumerate(digests)
         ]
 
@@ -389,7 +413,7 @@ class AsyncVUA:
         heads = self._held_heads(kvcache, heads)
         sequences = [token_ids(tokens_row, self._config.split_factor) for tokens_row in rows]
         chains = [self._groups(ids, salt, heads) for ids in sequences]
-        missing = await gather_or_cancel(*(self._missing([g.key for g in chain]) for chain in chains))
+        missing = await gather_or_cancel(*(self._missing(chain) for chain in chains))
         todo: dict[str, tuple[int, torch.Tensor, _Group]] = {}
         for row, (ids, chain, numbers) in enumerate(zip(sequences, chains, missing, strict=True)):
             for number in numbers:
@@ -538,7 +562,7 @@ class AsyncVUA:
             return None
         ids = token_ids(trimmed, self._config.split_factor)
         groups = self._groups(ids, salt, heads)
-        hits = _leading_hits(await self._probe([g.key for g in groups]))
+        hits = _leading_hits(await self._probe(groups))
         if not hits:
             return None
         # Every head: fetched at once if this object knows how many, else after the first
@@ -675,10 +699,11 @@ class AsyncVUA:
     async def lookup(self, tokens: torch.Tensor, *, salt: str | None = None, heads: HeadRange | None = None) -> int:
         """How many leading tokens of ``tokens`` are stored, by probing only (no data moves).
 
-        One object per group is probed: the representative of ``heads`` (default: all
-        heads), which its writer stores after its other heads. Heads stored by another
-        writer (another tensor-parallel rank) are not probed: if one is missing, the load
-        finds out and the prefix ends there. Like :meth:`get_closest`, an outage of the
+        A group counts only if every head of ``heads`` is stored, checked with one request
+        per probed group (S3: one listing of the group's objects), so a head another
+        tensor-parallel rank failed to write ends the prefix there. With ``heads=None``:
+        every head of the model once this object has learned how many (from a put or a
+        load), else the group's head 0 alone. Like :meth:`get_closest`, an outage of the
         store gives 0 unless ``strict``.
         """
         return await self._guarded("lookup", self._lookup(tokens, salt, heads), 0)
@@ -729,12 +754,11 @@ class AsyncVUA:
         if trimmed is None:
             return []
         groups = self._groups(token_ids(trimmed, self._config.split_factor), salt, heads)[first_group:]
-        keys = [g.key for g in groups]
         # Always asked, as lookup is. The search finds where the stored prefix ends in a few
         # waves; the sizes of the groups before it come from its own probes where it made
         # them (remembered), else from one more wave for the hits only.
-        stored = await self._stored_prefix(keys, trust_known=False)
-        infos = await self._probe(keys[:stored], trust_known=True)
+        stored = await self._stored_prefix(groups, trust_known=False)
+        infos = await self._probe(groups[:stored], trust_known=True)
         return [info.size for info in _leading_hits(infos)]
 
     async def load_groups(
@@ -777,7 +801,7 @@ class AsyncVUA:
         ids = token_ids(trimmed, self._config.split_factor)
         groups = self._groups(ids, salt, heads)[first_group:]
         if sizes is None:
-            sizes = [info.size for info in _leading_hits(await self._probe([g.key for g in groups]))]
+            sizes = [info.size for info in _leading_hits(await self._probe(groups))]
         # Every group settles: one failure does not cancel the others (groups placed
         # after an earlier one failed are simply not counted).
         known = HeadRange.all(self._kv_heads) if heads is None and self._kv_heads is not None else heads
@@ -818,7 +842,7 @@ class AsyncVUA:
         groups = self._groups(token_ids(trimmed, self._config.split_factor), salt, heads)
         # Always asked: a lookup tells what the store can serve now (an outage, a refusal, an
         # expiry must show), where put and get_closest lose nothing by trusting the cache.
-        stored = await self._stored_prefix([g.key for g in groups], trust_known=False)
+        stored = await self._stored_prefix(groups, trust_known=False)
         return stored * self._config.split_factor
 
     async def close(self) -> None:

@@ -10,7 +10,7 @@ each phase can slow, hold or count the store's requests without another process:
   first 96 tokens are in the local prefix cache by then: the store requests each made.
 * ``corrupt``: stored prompt X1 (group 1 overwritten with garbage by the test).
 * ``embeds``: a ``prompt_embeds`` request; the store requests it made.
-* ``hung``: request A decodes while HEADs are held (never answered); request B arrives:
+* ``hung``: request A decodes while probes (HEADs and LISTs) are held (never answered); request B arrives:
   A's token count after every step until B is done, then request C (breaker open).
 * ``metrics``: ``LLM.get_metrics()``'s ``vllm:vua_s3_*`` values.
 
@@ -116,7 +116,7 @@ def main() -> None:
         m.name: getattr(m, "value", None) for m in llm.get_metrics() if m.name.startswith("vllm:vua_s3_")
     }
 
-    # hung: HEADs are held; A keeps decoding while B's lookup hangs
+    # hung: probes are held; A keeps decoding while B's lookup hangs
     engine = llm.llm_engine
     decode = SamplingParams(temperature=0.0, max_tokens=400, ignore_eos=True)
     a, b, c = fresh(3)
@@ -129,20 +129,24 @@ def main() -> None:
 
     while counts["A"] < 2:
         step()
-    proxy.faults = [Fault("hold", method="HEAD")]
+    proxy.faults = [Fault("hold", method="HEAD"), Fault("hold", method="GET", query_contains="list-type=2")]
     engine.add_request("B", TokensPrompt(prompt_token_ids=b), params)
     timeline = []
     started = time.monotonic()
     while counts["B"] < params.max_tokens and time.monotonic() - started < 60:
         step()
         timeline.append([round(time.monotonic() - started, 3), counts["A"], counts["B"], proxy.held.is_set()])
-    heads = sum(1 for q in proxy.requests if q.method == "HEAD")
+
+    def probes() -> int:
+        return sum(1 for q in proxy.requests if q.method == "HEAD" or "list-type=2" in q.query)
+
+    heads = probes()
     engine.add_request("C", TokensPrompt(prompt_token_ids=c), params)
     while counts["C"] < params.max_tokens:
         step()
     report["hung"] = {
         "timeline": timeline,
-        "c_heads": sum(1 for q in proxy.requests if q.method == "HEAD") - heads,
+        "c_heads": probes() - heads,
     }
     engine.abort_request(["A"])
     proxy.release()

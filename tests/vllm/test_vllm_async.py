@@ -24,6 +24,7 @@ import subprocess
 from collections import Counter
 from pathlib import Path
 from typing import Any
+from urllib.parse import parse_qs
 
 import pytest
 import torch
@@ -81,7 +82,7 @@ def test_connector_stays_off_the_engine_path(vllm_python: Path, tiny_llama: Path
         assert len(clean) == 3 * GROUPS * KV_HEADS, sorted(clean)
         namespace = next(iter(clean)).split("/")[0]
         cfg = VUAConfig(split_factor=SPLIT, namespace=namespace)
-        # keys: the object probed per group (head 0); every_head: all of them, group by group.
+        # keys: head 0's object per group; every_head: all of them, group by group.
         keys = [cfg.tokens_to_paths(torch.tensor(p[: SPLIT * GROUPS])) for p in prompts]
         every_head = [cfg.tokens_to_paths(torch.tensor(p[: SPLIT * GROUPS]), kv_heads=KV_HEADS) for p in prompts]
         assert set(clean) == {k for ks in every_head for k in ks}
@@ -99,14 +100,22 @@ def test_connector_stays_off_the_engine_path(vllm_python: Path, tiny_llama: Path
     def paths(requests: list[list[str]], method: str) -> list[str]:
         return [p.split(f"/{prefix}/", 1)[1] for m, p, _ in requests if m == method and f"/{prefix}/" in p]
 
+    def probes(requests: list[list[str]]) -> list[str]:
+        """The groups the lookups probed: one LIST of a group's head objects each (the prefix listed)."""
+        listed = [parse_qs(q).get("prefix", [""])[0] for m, _, q in requests if m == "GET" and "list-type=2" in q]
+        return [p.split(f"{prefix}/", 1)[1] for p in listed if p.startswith(f"{prefix}/")]
+
+    def group_prefix(key: str) -> str:
+        return key.rsplit(".h", 1)[0] + ".h"
+
     # A slow store (0.5 s per response) costs the engine about one lookup round trip for
     # 8 new prompts, where answering each in turn would cost 8.
     delay = report["delay"]
     added = delay["slow_s"] - delay["fast_s"]
-    heads = len(paths(delay["requests"], "HEAD"))
+    lists = len(probes(delay["requests"]))
     print(f"8 new prompts: {delay['fast_s']:.2f} s fast store, {delay['slow_s']:.2f} s with 0.5 s responses "
-          f"(+{added:.2f} s; {heads} HEADs, serial would be >= {8 * 0.5:.1f} s)")  # fmt: skip
-    assert heads == 8 * 2
+          f"(+{added:.2f} s; {lists} LISTs, serial would be >= {8 * 0.5:.1f} s)")  # fmt: skip
+    assert lists == 8 * 2 and not paths(delay["requests"], "HEAD")
     assert added < 8 * 0.5 / 2
 
     # Partial local hit: R reads group 0 of prompt 0 only; prompt 0 itself then has its
@@ -114,7 +123,7 @@ def test_connector_stays_off_the_engine_path(vllm_python: Path, tiny_llama: Path
     r = report["partial_r"]
     assert sorted(paths(r["requests"], "GET")) == sorted(every_head[0][:KV_HEADS])
     x0 = report["partial_x0"]
-    assert sorted(paths(x0["requests"], "HEAD")) == sorted(keys[0][1:])
+    assert sorted(probes(x0["requests"])) == sorted(map(group_prefix, keys[0][1:]))
     assert sorted(paths(x0["requests"], "GET")) == sorted(every_head[0][KV_HEADS:])
     (out,) = x0["out"]
     assert out["num_cached_tokens"] == SPLIT * GROUPS
@@ -144,7 +153,7 @@ def test_connector_stays_off_the_engine_path(vllm_python: Path, tiny_llama: Path
                  "load_failures"):  # fmt: skip
         assert metrics.get(f"vllm:vua_s3_{name}", 0) > 0, (name, metrics)
 
-    # Hung lookups: while B's HEADs hang, A keeps decoding; B is served after the lookup
+    # Hung lookups: while B's probes hang, A keeps decoding; B is served after the lookup
     # timeout, and the breaker keeps C off the store.
     timeline = report["hung"]["timeline"]
     while_held = [a for _, a, b, held in timeline if held and b == 0]

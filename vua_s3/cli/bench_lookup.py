@@ -7,14 +7,16 @@ import json
 from typing import Any
 
 from ..bench.lookup import LookupBenchOptions, format_lookup_report, run_lookup_bench
-from .args import positive_int
+from .args import positive_int, positive_ints
 
 
 def add_parser(sub: Any) -> None:
     p = sub.add_parser("bench-lookup", help="HEADs, round trips and latency of lookup and put per probe_waves")
     p.add_argument("--url", help="s3://bucket/prefix?... to measure (default: a local SeaweedFS, else moto)")
-    p.add_argument("--groups", type=_ints, default=(8, 32, 128, 512), help="prompt lengths in groups, e.g. 8,32")
-    p.add_argument("--waves", type=_ints, default=(1, 2, 3, 4), help="probe_waves budgets to compare, e.g. 1,4")
+    p.add_argument(
+        "--groups", type=positive_ints, default=(8, 32, 128, 512), help="prompt lengths in groups, e.g. 8,32"
+    )
+    p.add_argument("--waves", type=positive_ints, default=(1, 2, 3, 4), help="probe_waves budgets to compare, e.g. 1,4")
     p.add_argument("--split-factor", type=positive_int, default=16, help="tokens per group")
     p.add_argument("--repeats", type=positive_int, default=7, help="repeats per case")
     p.add_argument("--json", action="store_true", help="print the figures as JSON, nothing else")
@@ -33,13 +35,3 @@ def bench_lookup(args: argparse.Namespace) -> int:
     result = run_lookup_bench(options)
     print(json.dumps(result, indent=2) if args.json else format_lookup_report(result))
     return 0
-
-
-def _ints(text: str) -> tuple[int, ...]:
-    try:
-        values = tuple(int(part) for part in text.split(","))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of integers") from None
-    if min(values) <= 0:
-        raise argparse.ArgumentTypeError(f"every value must be positive, got {text!r}")
-    return values

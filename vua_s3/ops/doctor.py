@@ -20,7 +20,7 @@ from botocore.exceptions import ConnectionError as BotoConnectionError
 
 from .. import logsafe
 from ..config import VUAConfig
-from ..errors import InvalidLocationError, StoreError
+from ..errors import AccessDeniedError, InvalidLocationError, StoreError
 from ..keys import LAYOUT_VERSION
 from ..storage import Store, open_store
 from ..storage.posix import FILE_MODE, PosixStore
@@ -332,7 +332,8 @@ class _S3Doctor:
 
 async def _fragment_round_trip(store: Store) -> Check:
     """The cache itself, end to end: one group of a two-head KV cache stored in the current
-    format (one object per KV head), read back and compared bit for bit, then deleted."""
+    format (one object per KV head), looked up (on S3 a LIST of the group's objects), read
+    back and compared bit for bit, then deleted."""
     config = VUAConfig(split_factor=16, namespace=f"vua-doctor-{uuid.uuid4().hex[:12]}")
     tokens = torch.arange(16)
     kv = [(torch.randn(1, 2, 16, 8), torch.randn(1, 2, 16, 8))]
@@ -340,12 +341,17 @@ async def _fragment_round_trip(store: Store) -> Check:
     vua = AsyncVUA(config, store, strict=True)
     try:
         await vua.put(tokens, kv)
+        found = await vua.lookup(tokens)
         hit = await vua.get_closest(tokens)
-        if hit is None or not all(torch.equal(got, want) for got, want in zip(hit.data[0], kv[0], strict=True)):
+        if found != 16 or hit is None or not all(torch.equal(a, b) for a, b in zip(hit.data[0], kv[0], strict=True)):
             return Check("fragments", FAIL, "stored objects did not read back intact", "report this as a bug")
-        return Check("fragments", PASS, f"format {LAYOUT_VERSION}: {len(keys)} objects (one per KV head), round trip")
+        detail = f"format {LAYOUT_VERSION}: {len(keys)} objects (one per KV head), lookup and round trip"
+        return Check("fragments", PASS, detail)
     except StoreError as exc:
-        return Check("fragments", FAIL, str(exc)[:200], "fix the failures above first")
+        fix = "fix the failures above first"
+        if isinstance(exc, AccessDeniedError) and isinstance(store, S3Store):  # put, get, delete passed
+            fix = "grant s3:ListBucket on the bucket for the cache prefix: a lookup lists each group's objects"
+        return Check("fragments", FAIL, str(exc)[:200], fix)
     finally:
         for key in keys:
             with contextlib.suppress(StoreError):

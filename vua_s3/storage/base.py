@@ -4,8 +4,8 @@ A backend maps relative keys (``keys.py``) to objects. Contract:
 
 * ``put`` is atomic: a reader sees all of an object or nothing, and concurrent puts
   of the same key are safe (last writer wins; vua_s3 writes identical bytes).
-* ``head_many`` is one concurrent wave, never one request after another.
-* A missing key is ``None`` from ``head_many`` and :class:`ObjectNotFoundError` from
+* ``head_many`` and ``head_siblings`` are one concurrent wave, never one request after another.
+* A missing key is ``None`` from ``head_many``/``head_siblings`` and :class:`ObjectNotFoundError` from
   ``get``; refused access is :class:`AccessDeniedError`; anything else that fails is
   :class:`StoreError`. A miss is never reported as an error, nor an error as a miss.
 
@@ -67,6 +67,19 @@ class Store(ABC):
     @abstractmethod
     async def head_many(self, keys: Sequence[str]) -> list[ObjectInfo | None]:
         """Probe many keys concurrently; ``None`` where a key does not exist."""
+
+    async def head_siblings(self, sets: Sequence[Sequence[str]]) -> list[list[ObjectInfo | None]]:
+        """Probe several sets of keys in one concurrent wave, answering each set together:
+        the keys of a set share a name prefix (the head objects of one group), so a backend
+        that can list a prefix answers a set of several keys with one request (S3: one
+        listing instead of a HEAD per key). ``None`` where a key does not exist. The default
+        probes every key with ``head_many``: no scan of what else the prefix holds."""
+        flat = await self.head_many([key for keys in sets for key in keys])
+        answers, at = [], 0
+        for keys in sets:
+            answers.append(flat[at : at + len(keys)])
+            at += len(keys)
+        return answers
 
     @abstractmethod
     async def delete(self, key: str) -> None:

@@ -94,6 +94,40 @@ class StoreContract:
 
         run_on(location, scenario)
 
+    def test_head_siblings_answers_each_set_of_keys(self, location: Location) -> None:
+        """Present, missing and mixed sets, sizes, a lone key, an empty set; a key that is a
+        prefix of stored keys (``g1.h1``), or a stored key that extends an asked one
+        (``g1.h10`` beside ``g1.h1.st``), is never taken for it."""
+
+        async def scenario(store: Store) -> None:
+            for key, data in [("g1.h0.st", b"zero"), ("g1.h1.st", b"one!!"), ("g1.h10.st", b"ten"), ("g2.h0.st", b"")]:
+                await store.put(f"ns/ab/{key}", data)
+            await store.put("ns/ab/g1.h2.st.tmp", b"not the key")
+            sets = [
+                ["ns/ab/g1.h0.st", "ns/ab/g1.h1.st", "ns/ab/g1.h10.st"],
+                ["ns/ab/g1.h1", "ns/ab/g1.h2.st"],
+                ["ns/ab/g2.h0.st", "ns/ab/g2.h1.st"],
+                ["ns/ab/g1.h1.st"],
+                ["ns/zz/g9.h0.st"],
+                [],
+                ["ns/ab/g3.h0.st", "ns/ab/g3.h1.st"],
+            ]
+            answers = await store.head_siblings(sets)
+            assert [[None if info is None else (info.key, info.size) for info in infos] for infos in answers] == [
+                [("ns/ab/g1.h0.st", 4), ("ns/ab/g1.h1.st", 5), ("ns/ab/g1.h10.st", 3)],
+                [None, None],
+                [("ns/ab/g2.h0.st", 0), None],
+                [("ns/ab/g1.h1.st", 5)],
+                [None],
+                [],
+                [None, None],
+            ]
+            first = answers[0][0]
+            assert first is not None and abs(first.last_modified - time.time()) < 300
+            assert await store.head_siblings([]) == []
+
+        run_on(location, scenario)
+
     def test_get_into_fills_exactly_the_callers_buffer(self, location: Location) -> None:
         data = os.urandom(3 << 20)
 
@@ -174,10 +208,15 @@ class StoreContract:
 
         run_on(location, scenario)
 
-    @pytest.mark.parametrize("verb", ["head_many", "get", "get_into", "put", "put_segments", "list", "delete"])
+    @pytest.mark.parametrize(
+        "verb",
+        ["head_many", "head_siblings", "head_sibling", "get", "get_into", "put", "put_segments", "list", "delete"],
+    )
     def test_refused_access_is_access_denied(self, verb: str) -> None:
         calls: dict[str, Callable[[Store], Awaitable[Any]]] = {
             "head_many": lambda s: s.head_many(["ns/k"]),
+            "head_siblings": lambda s: s.head_siblings([["ns/k.h0", "ns/k.h1"]]),
+            "head_sibling": lambda s: s.head_siblings([["ns/k.h0"]]),
             "get": lambda s: s.get("ns/k"),
             "get_into": lambda s: s.get_into("ns/k", memoryview(bytearray(4))),
             "put": lambda s: s.put("ns/k", b"data"),

@@ -35,7 +35,7 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
 from ...config import VUAConfig
 from ...logsafe import redact_url
 from ...loop import BackgroundLoop
-from ...shards import rank_heads, rank_writes
+from ...shards import HeadRange, rank_heads, rank_writes
 from ...storage import open_store
 from ...vua import AsyncVUA
 from .breaker import Breaker
@@ -117,7 +117,8 @@ class VUAS3Connector(KVConnectorBase_V1):  # type: ignore[misc]
         if role == KVConnectorRole.SCHEDULER:
             parallel = vllm_config.parallel_config
             # One probe per pipeline stage serves every tensor-parallel rank: its objects do
-            # not depend on the TP size, and every head of a group has the same size.
+            # not depend on the TP size, every head of a group has the same size, and one
+            # request per group checks every head of the model (all ranks load).
             probes = [
                 self._open(derive_namespace(vllm_config, self._settings, pp), self._settings.lookup_timeout_s)
                 for pp in range(parallel.pipeline_parallel_size)
@@ -127,6 +128,7 @@ class VUAS3Connector(KVConnectorBase_V1):  # type: ignore[misc]
             self._loop.submit(_warm_up(probes[0]))
             self._scheduler = SchedulerSide(
                 self._settings, probes, self._loop, self._breaker, self._stats, self._block_size,
+                heads=HeadRange.all(vllm_config.model_config.get_total_num_kv_heads()),
                 load=bool(transfer.is_kv_consumer), save=bool(transfer.is_kv_producer), where=self._where,
             )  # fmt: skip
             log.info(

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from ...loop import BackgroundLoop, gather_or_cancel
+from ...shards import HeadRange
 from ...vua import AsyncVUA
 from .breaker import Breaker
 from .plan import LoadSpec, Plan, SaveSpec
@@ -70,6 +71,7 @@ class SchedulerSide:
         recorder: Recorder,
         block_size: int,
         *,
+        heads: HeadRange,
         load: bool,
         save: bool,
         where: str,
@@ -80,6 +82,7 @@ class SchedulerSide:
         self._breaker = breaker
         self._stats = recorder
         self._block_size = block_size
+        self._heads = heads  # every head of the model: every rank loads, so all must be stored
         self._load = load
         self._save = save
         self._where = where
@@ -130,7 +133,9 @@ class SchedulerSide:
 
     def _submit(self, tracked: _Tracked, first_group: int, limit: int) -> None:
         tokens = torch.tensor(tracked.prompt[:limit], dtype=torch.int64)
-        probes = (p.stored_sizes(tokens, salt=tracked.salt, first_group=first_group) for p in self._probes)
+        probes = (
+            p.stored_sizes(tokens, salt=tracked.salt, first_group=first_group, heads=self._heads) for p in self._probes
+        )
         tracked.lookup_from = first_group
         tracked.lookup_started = time.monotonic()
         tracked.lookup = self._loop.submit(gather_or_cancel(*probes))

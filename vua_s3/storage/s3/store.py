@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import replace
@@ -350,6 +351,34 @@ class S3Store(Store):
         return ObjectInfo(
             key=key, size=int(response["ContentLength"]), last_modified=response["LastModified"].timestamp()
         )
+
+    async def head_siblings(self, sets: Sequence[Sequence[str]]) -> list[list[ObjectInfo | None]]:
+        return await gather_or_cancel(*(self._head_set(keys) for keys in sets))
+
+    async def _head_set(self, keys: Sequence[str]) -> list[ObjectInfo | None]:
+        """One LIST of the keys' common prefix (every page, until all are found), mapped back
+        to them; a lone key is a HEAD, which S3 bills at a fraction of a LIST (README, "Lookups")."""
+        if len(keys) < 2:
+            return await self.head_many(keys)
+        wanted: dict[str, list[int]] = {}
+        for i, key in enumerate(keys):
+            wanted.setdefault(self.object_key(key), []).append(i)
+        prefix = os.path.commonprefix(list(keys))  # noqa: RUF071 - a key prefix, character by character
+        params: dict[str, Any] = {"Bucket": self.bucket, "Prefix": self.object_key(prefix)}
+        answers: list[ObjectInfo | None] = [None] * len(keys)
+
+        async def page(client: Any) -> Any:
+            return await client.list_objects_v2(**params)
+
+        while True:
+            listed = await self._call("list_objects_v2", prefix, page)
+            for item in listed.get("Contents", []):
+                for i in wanted.get(item["Key"], ()):
+                    modified = item["LastModified"].timestamp()
+                    answers[i] = ObjectInfo(key=keys[i], size=int(item["Size"]), last_modified=modified)
+            if not listed.get("IsTruncated") or all(answer is not None for answer in answers):
+                return answers
+            params["ContinuationToken"] = listed["NextContinuationToken"]
 
     async def delete(self, key: str) -> None:
         await self._call("delete_object", key, lambda c: c.delete_object(Bucket=self.bucket, Key=self.object_key(key)))
