@@ -29,7 +29,7 @@ from ...loop import gather_or_cancel
 from ..base import Buffer, ObjectInfo, Store
 from .body import SegmentBody, cut, receive
 from .crt import CrtTransport
-from .direct_head import DirectHead
+from .direct_probe import DirectProbe
 from .errors import map_error
 from .settings import SSE_C_OPERATIONS, SSE_WRITES, S3Settings, crt_installed, sse_c_key
 
@@ -39,7 +39,7 @@ _T = TypeVar("_T")
 class _LoopClient:
     """The client, its context, the request limit and the direct HEAD path of one event loop."""
 
-    def __init__(self, context: Any, client: Any, limit: asyncio.Semaphore, direct: DirectHead | None) -> None:
+    def __init__(self, context: Any, client: Any, limit: asyncio.Semaphore, direct: DirectProbe | None) -> None:
         self.context = context
         self.client = client
         self.limit = limit
@@ -129,9 +129,9 @@ class S3Store(Store):
             if bucket_urls:
                 self.bucket_url, self.region_name = bucket_urls[-1], client.meta.region_name
             credentials = await self._session.get_credentials()
-            if bucket_urls and credentials is not None and self._sse_c_key is None and DirectHead.usable():
+            if bucket_urls and credentials is not None and self._sse_c_key is None and DirectProbe.usable():
                 # The bucket's URL as botocore resolved it (endpoint, addressing, region).
-                direct = DirectHead(bucket_urls[-1], client.meta.region_name, credentials, s)
+                direct = DirectProbe(bucket_urls[-1], client.meta.region_name, credentials, s)
             if bucket_urls and credentials is not None and self._crt is None and self._uses_crt():
                 self._crt = CrtTransport(
                     bucket_urls[-1],
@@ -154,7 +154,7 @@ class S3Store(Store):
     def _uses_crt(self) -> bool:
         s = self.settings
         if s.transport == "auto":
-            return s.sse == "none" and DirectHead.usable() and crt_installed()
+            return s.sse == "none" and DirectProbe.usable() and crt_installed()
         return s.transport == "crt"
 
     @property
@@ -366,12 +366,25 @@ class S3Store(Store):
         prefix = os.path.commonprefix(list(keys))  # noqa: RUF071 - a key prefix, character by character
         params: dict[str, Any] = {"Bucket": self.bucket, "Prefix": self.object_key(prefix)}
         answers: list[ObjectInfo | None] = [None] * len(keys)
+        lc = await self._client()
+        tried = False
+        if lc.direct is not None and lc.direct.enabled:
+            self.requests["list_objects_v2"] += 1
+            async with lc.limit:
+                answered, objects = await lc.direct.list_page(params["Prefix"])
+            if answered:
+                for name, size, modified in objects:
+                    for i in wanted.get(name, ()):
+                        answers[i] = ObjectInfo(key=keys[i], size=size, last_modified=modified)
+                return answers
+            tried = True
 
         async def page(client: Any) -> Any:
             return await client.list_objects_v2(**params)
 
         while True:
-            listed = await self._call("list_objects_v2", prefix, page)
+            listed = await self._call("list_objects_v2", prefix, page, after_direct=tried)
+            tried = False
             for item in listed.get("Contents", []):
                 for i in wanted.get(item["Key"], ()):
                     modified = item["LastModified"].timestamp()
