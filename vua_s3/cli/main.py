@@ -9,7 +9,7 @@ import sys
 from collections.abc import Sequence
 
 from ..errors import VUAError
-from . import bench, bench_lookup, demo, listing, ops
+from . import bench, bench_lookup, bench_vllm, demo, listing, ops
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -19,6 +19,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_parser(sub)
     bench.add_parser(sub)
     bench_lookup.add_parser(sub)
+    bench_vllm.add_parser(sub)
     listing.add_parsers(sub)
     ops.add_parsers(sub)
     return parser
