@@ -35,6 +35,8 @@ def test_bench_vllm_reports_every_scenario(vllm_python: Path, tmp_path: Path) ->
         assert 0 < run["ttft_p50"] <= run["ttft_p90"] <= run["ttft_max"], (name, run)
         assert run["tok_s"] > 0 and run["req_s"] > 0 and run["server_cpu_s"] > 0, (name, run)
         store = run["store"]
+        sources = ("prompt_local_compute", "prompt_local_cache_hit", "prompt_external_kv_transfer")
+        assert sum(store[k] for k in sources) == 2 * 272, (name, store)  # vLLM's count of the prompts' tokens
         if name == "none":
             assert store["lookups"] == 0 and run["cpu_s_per_gib"] is None, run
             continue
@@ -43,7 +45,7 @@ def test_bench_vllm_reports_every_scenario(vllm_python: Path, tmp_path: Path) ->
             assert store["hit_tokens"] == 0 and store["store_bytes"] >= 2 * group, run
         else:  # a new process reads them: each request that looked up loads both
             assert store["hit_tokens"] >= 256 and store["load_bytes"] >= 2 * group, (name, run)
-            assert store["store_bytes"] == 0, (name, run)
+            assert store["store_bytes"] == 0 and store["prompt_external_kv_transfer"] >= 256, (name, run)
         for figure in ("ttft_p50", "tok_s", "lookups", "load_bytes"):
             assert scenario["summary"][figure]["median"] == (run[figure] if figure in run else store[figure])
     # every store request of the slow scenario went through the proxy's 20 ms

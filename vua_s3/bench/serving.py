@@ -51,6 +51,8 @@ _SETTLE_TIMEOUT = 60.0
 DEFAULT_VLLM_VENV = Path(os.environ.get("VUA_VLLM_VENV", "~/.cache/vua_s3/vllm-venv")).expanduser()
 #: The connector's counters a run reports, as named in ``/metrics`` (``vllm:vua_s3_<name>``).
 STORE_FIGURES = ("lookups", "lookup_seconds", "hit_tokens", "loaded_tokens", "load_bytes", "store_bytes")
+#: vLLM's own counts of prompt tokens: computed, found in its prefix cache, loaded by a connector.
+PROMPT_FIGURES = ("prompt_local_compute", "prompt_local_cache_hit", "prompt_external_kv_transfer")
 
 
 @dataclass(frozen=True)
@@ -217,9 +219,11 @@ class Server:
         with ThreadPoolExecutor(options.concurrency) as pool:
             results = [r for rs in pool.map(session, prompts) for r in rs]
         wall = time.perf_counter() - started
+        served = self.metrics()  # before the settling requests add prompt tokens of their own
         after = self.settle(model)
         cpu = process_tree_cpu(self.process.pid) - cpu_before
         store = {k: after.get(k, 0.0) - before.get(k, 0.0) for k in STORE_FIGURES}
+        store |= {k: served.get(k, 0.0) - before.get(k, 0.0) for k in PROMPT_FIGURES}
         moved = store["load_bytes"] + store["store_bytes"]
         ttfts = sorted(t for t, _ in results)
         return {
@@ -252,17 +256,21 @@ class Server:
         return last
 
     def metrics(self) -> dict[str, float]:
-        """The connector's counters from ``/metrics`` (Prometheus text), summed over labels."""
-        if not self.connector:
-            return {}
+        """From ``/metrics`` (Prometheus text): the connector's counters, summed over
+        labels, and vLLM's prompt tokens by source (``prompt_<source>``: computed, local
+        prefix-cache hits, loaded through the connector)."""
         with urllib.request.urlopen(self.base + "/metrics", timeout=30) as response:
             text = response.read().decode()
         found: dict[str, float] = {}
         for line in text.splitlines():
+            name, _, value = line.rpartition(" ")
             if line.startswith("vllm:vua_s3_") and "_created" not in line:
-                name, value = line.rsplit(" ", 1)
                 key = name.split("{", 1)[0].removeprefix("vllm:vua_s3_").removesuffix("_total")
-                found[key] = found.get(key, 0.0) + float(value)
+            elif line.startswith("vllm:prompt_tokens_by_source_total{"):
+                key = "prompt_" + name.split('source="', 1)[1].split('"', 1)[0]
+            else:
+                continue
+            found[key] = found.get(key, 0.0) + float(value)
         return found
 
 
@@ -340,7 +348,7 @@ def _summary(runs: list[dict[str, Any]]) -> dict[str, Any]:
     """Median, min and max over the runs of every figure."""
     figures = ["ttft_p50", "ttft_p90", "tok_s", "req_s", "server_cpu_s", "cpu_s_per_gib"]
     summary = {f: asdict(Stat.of([r[f] for r in runs])) for f in figures if all(r[f] is not None for r in runs)}
-    for name in STORE_FIGURES:
+    for name in STORE_FIGURES + PROMPT_FIGURES:
         summary[name] = asdict(Stat.of([r["store"][name] for r in runs]))
     return summary
 
@@ -358,8 +366,8 @@ def format_serve_report(report: dict[str, Any]) -> str:
         + " ".join(f"{v:.1f}" for v in report["load_average"]),
         "",
         "| scenario | TTFT p50 (s) | TTFT p90 (s) | output tok/s | req/s | server CPU s | CPU s/GiB moved "
-        "| lookups | hit tokens | loaded MiB | stored MiB | load avg (1 min) |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| prompt tokens computed | lookups | hit tokens | loaded MiB | stored MiB | load avg (1 min) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for name, scenario in report["scenarios"].items():
         s = scenario["summary"]
@@ -374,7 +382,7 @@ def format_serve_report(report: dict[str, Any]) -> str:
         lines.append(
             f"| {name} | {cell('ttft_p50', '.3f')} | {cell('ttft_p90', '.3f')} | {cell('tok_s', '.0f')} "
             f"| {cell('req_s', '.2f')} | {cell('server_cpu_s', '.1f')} | {cell('cpu_s_per_gib', '.0f')} "
-            f"| {s['lookups']['median']:.0f} | {s['hit_tokens']['median']:.0f} "
+            f"| {cell('prompt_local_compute', '.0f')} | {s['lookups']['median']:.0f} | {s['hit_tokens']['median']:.0f} "
             f"| {s['load_bytes']['median'] / 2**20:.1f} | {s['store_bytes']['median'] / 2**20:.1f} "
             f"| {min(loads):.1f}-{max(loads):.1f} |"
         )
