@@ -38,6 +38,7 @@ from ...loop import BackgroundLoop
 from ...shards import HeadRange, rank_heads, rank_writes
 from ...storage import open_store
 from ...vua import AsyncVUA
+from .affinity import run_here_on, spare_cpus
 from .breaker import Breaker
 from .metrics import VUAS3PromMetrics, VUAS3Stats
 from .paged import CpuCacheWriter, PagedLayer
@@ -206,17 +207,22 @@ class VUAS3Connector(KVConnectorBase_V1):  # type: ignore[misc]
         first = layers[0]
         ratio = kv_caches[first.name].size(0) // self._kv_cache_config.num_blocks
         vua = self._open(namespace, self._settings.load_timeout_s)
+        # Called on the compute thread, after vLLM pinned it: the loop (and the client
+        # threads it starts from now on) and the copier move to the cores it left free.
+        spare = spare_cpus()
+        self._loop.submit(_run_on(spare))
         self._loop.submit(_warm_up(vua))
         self._worker = WorkerSide(
             vua, pp_rank, heads, writes, layers, ratio, self._block_size, self._loop,
             self._stats, self._problems, max_pending_save_bytes=self._settings.max_pending_save_bytes,
-            flush_timeout_s=self._settings.flush_timeout_s, where=self._where,
+            flush_timeout_s=self._settings.flush_timeout_s, where=self._where, cpus=spare,
         )  # fmt: skip
         log.info(
             "%s: worker on %s, namespace %s, %d layers of %s %s KV (heads %d-%d of %d, writes %s, x %d), "
-            "%d kernel blocks per block",
+            "%d kernel blocks per block; its threads on CPUs %s",
             CONNECTOR_NAME, self._where, namespace, len(layers), first.device, first.dtype,
             heads.start, heads.stop - 1, kv_heads, "none" if writes is None else "them", first.head_size, ratio,
+            sorted(spare) or "unchanged",
         )  # fmt: skip
 
     def _plan(self) -> Plan:
@@ -293,6 +299,10 @@ class VUAS3Connector(KVConnectorBase_V1):  # type: ignore[misc]
         except Exception as exc:
             log.debug("%s: closing the store failed: %s", CONNECTOR_NAME, exc)
         self._loop.stop()
+
+
+async def _run_on(cpus: frozenset[int]) -> None:
+    run_here_on(cpus)
 
 
 async def _warm_up(vua: AsyncVUA) -> None:

@@ -30,6 +30,7 @@ from ...keys import token_ids
 from ...loop import BackgroundLoop, gather_or_cancel
 from ...shards import HeadRange
 from ...vua import AsyncVUA
+from .affinity import run_here_on
 from .paged import PagedLayer, kernel_block_ids
 from .plan import LoadSpec, Plan, SaveSpec
 from .problems import Problems
@@ -76,6 +77,7 @@ class WorkerSide:
     It reads the objects of the KV heads it holds (``heads``) and writes ``writes``:
     the same heads, or ``None`` on a rank whose replicated head a lower rank writes
     (:func:`vua_s3.shards.rank_writes`), which then captures and uploads nothing.
+    Its copier thread runs on ``cpus`` (:mod:`.affinity`).
     """
 
     def __init__(
@@ -94,6 +96,7 @@ class WorkerSide:
         max_pending_save_bytes: int,
         flush_timeout_s: float,
         where: str,
+        cpus: frozenset[int] = frozenset(),
     ) -> None:
         self._vua = vua
         self._stage = stage
@@ -121,7 +124,9 @@ class WorkerSide:
         self._group_bytes = shape[0] * 2 * first.heads * self._split * first.head_size * first.dtype.itemsize
         keep = max(1, min(64, max_pending_save_bytes // self._group_bytes))
         self._buffers = _HostBuffers(shape, first.dtype, self._cuda, keep)
-        self._copier = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="vua-s3-capture")
+        self._copier = concurrent.futures.ThreadPoolExecutor(
+            1, thread_name_prefix="vua-s3-capture", initializer=run_here_on, initargs=(cpus,)
+        )
         # untested: no GPU here
         self._side = torch.cuda.Stream(self._device) if self._cuda else None  # type: ignore[no-untyped-call]
         self._lock = threading.Lock()
