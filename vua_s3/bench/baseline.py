@@ -97,6 +97,10 @@ class Floor:
     async def head(self, key: str) -> None:
         await self._limited(lambda: self._client.head_object(Bucket=self.store.bucket, Key=self._name(key)))
 
+    async def list(self, prefix: str) -> None:
+        """One LIST page of the store's keys under ``prefix``, e.g. every head of one group."""
+        await self._limited(lambda: self._client.list_objects_v2(Bucket=self.store.bucket, Prefix=self._name(prefix)))
+
     async def delete(self, keys: Sequence[str]) -> None:
         async def delete(key: str) -> None:
             await self._limited(lambda: self._client.delete_object(Bucket=self.store.bucket, Key=self._name(key)))

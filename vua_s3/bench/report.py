@@ -113,7 +113,13 @@ def format_report(report: dict[str, Any]) -> str:
     ]:
         requests = ", ".join(f"{v} {k}" for k, v in sorted(vua_r[mine]["requests"].items())) or "no requests"
         floor_text = head + " (1 HEAD)"
-        lines.append(f"{label:<26}{_latency(vua_r[mine]):>32}{floor_text:>32}{ratios[ratio]:>7.2f}x  {requests}")
+        per_list = ratios.get(ratio.replace("_vs_head", "_vs_list"))
+        against_list = "" if per_list is None else f" ({per_list:.2f}x 1 LIST)"
+        lines.append(
+            f"{label:<26}{_latency(vua_r[mine]):>32}{floor_text:>32}{ratios[ratio]:>7.2f}x  {requests}{against_list}"
+        )
+    if "list" in floor_r:
+        lines.append(f"{'one LIST (a group):':<26}{'':>32}{_latency(floor_r['list']):>32}")
     cached = vua_r["put_stored_cached"]
     requests = ", ".join(f"{v} {k}" for k, v in sorted(cached["requests"].items())) or "no requests"
     lines.append(f"{'put (stored, cached)':<26}{_latency(cached):>32}{'':>32}{'':>8}  {requests}")

@@ -296,8 +296,10 @@ def _measure(
         for kind, query in (("full", rows[0]), ("half", half), ("miss", rows[0] + 1), ("long", longer)):
             forget()
             checks[f"lookup_{kind}"] = timed(f"lookup_{kind}", vua.lookup, query, salt=salt)
+        group_heads = cfg.tokens_to_paths(rows[0], salt=salt, kv_heads=heads)[0].rsplit(".h", 1)[0] + ".h"
         for _ in range(3):
             timed("floor_head", loop.run, floor.head(floor_keys[0]))
+            timed("floor_list", loop.run, floor.list(group_heads))
         loop.run(floor.delete(floor_keys + client_keys))
         loop.run(_delete(floor.store, [k for row in rows for k in cfg.tokens_to_paths(row, salt=salt, kv_heads=heads)]))
     posix_dir = _measure_posix(cfg, tokens, kv, whole, sizes, options, timed, record, checks) if options.posix else None
@@ -356,6 +358,10 @@ def _ratios(report: dict[str, Any], devices: list[str]) -> dict[str, float]:
     for kind in ("full", "half", "miss", "long"):
         ratios[f"lookup_{kind}_vs_head"] = vua_r[f"lookup_{kind}"]["seconds"]["median"] / head
     ratios["put_stored_vs_head"] = vua_r["put_stored"]["seconds"]["median"] / head
+    if "list" in floor_r:  # probes of multi-head groups are LISTs
+        listing = floor_r["list"]["seconds"]["median"]
+        for kind in ("full", "half", "miss", "long"):
+            ratios[f"lookup_{kind}_vs_list"] = vua_r[f"lookup_{kind}"]["seconds"]["median"] / listing
     if posix:
         for verb in ("put", "get"):
             ratios[f"posix_{verb}_vs_floor"] = rate(posix["vua"][verb]) / rate(posix["floor"][verb])
