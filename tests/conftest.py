@@ -59,6 +59,16 @@ def location(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFa
     return server.url(unique_prefix())
 
 
+@pytest.fixture(params=["posix", "moto"])
+def posix_or_moto(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> str:
+    """A fresh location on POSIX and on moto: for request-counting tests, where SeaweedFS adds
+    time but no other behaviour."""
+    if request.param == "posix":
+        return str(tmp_path_factory.mktemp("store"))
+    server: EmbeddedS3 = request.getfixturevalue("moto_server")
+    return server.url(unique_prefix())
+
+
 def random_kvcache(
     layers: int = 2,
     seq_len: int = 64,

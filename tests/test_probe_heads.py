@@ -9,7 +9,7 @@ from collections.abc import Iterator
 
 import pytest
 import torch
-from conftest import assert_kv_equal, random_kvcache, unique_prefix
+from conftest import assert_kv_equal, random_kvcache
 
 from vua_s3 import AsyncVUA, HeadRange, VUAConfig
 from vua_s3.keys import fragment_key, group_digests, token_ids
@@ -18,7 +18,6 @@ from vua_s3.shards import rank_heads, rank_writes
 from vua_s3.storage import open_store
 from vua_s3.storage.s3 import S3Store
 from vua_s3.testing.counting import CountingStore
-from vua_s3.testing.moto import EmbeddedS3
 
 SPLIT = 2
 HEADS = 4
@@ -54,12 +53,9 @@ def s3_requests(store: CountingStore) -> int:
     )
 
 
-@pytest.fixture(params=["posix", "moto"])
-def location(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> str:
-    if request.param == "posix":
-        return str(tmp_path_factory.mktemp("store"))
-    server: EmbeddedS3 = request.getfixturevalue("moto_server")
-    return server.url(unique_prefix())
+@pytest.fixture
+def location(posix_or_moto: str) -> str:
+    return posix_or_moto
 
 
 @pytest.fixture

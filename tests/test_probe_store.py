@@ -37,12 +37,9 @@ def kv_prefix(groups: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
     return [(k[:, :, : groups * SPLIT], v[:, :, : groups * SPLIT]) for k, v in KV]
 
 
-@pytest.fixture(params=["posix", "moto"])
-def location(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> str:
-    if request.param == "posix":
-        return str(tmp_path_factory.mktemp("store"))
-    server: EmbeddedS3 = request.getfixturevalue("moto_server")
-    return server.url(unique_prefix())
+@pytest.fixture
+def location(posix_or_moto: str) -> str:
+    return posix_or_moto
 
 
 @pytest.fixture

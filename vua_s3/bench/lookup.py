@@ -14,8 +14,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import datetime
-import os
 import statistics
 import time
 import uuid
@@ -187,7 +185,7 @@ def _rotated(values: Sequence[int], by: int) -> list[int]:
 
 
 def run_lookup_bench(options: LookupBenchOptions) -> dict[str, Any]:
-    from .report import describe_machine
+    from .report import context
 
     with _location(options) as (opener, description):
         bench = _Bench(opener, options)
@@ -200,10 +198,7 @@ def run_lookup_bench(options: LookupBenchOptions) -> dict[str, Any]:
 
         asyncio.run(main())
     return {
-        "store": description,
-        "machine": describe_machine(),
-        "load_average": os.getloadavg(),
-        "when": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        **context(description),
         "split_factor": options.split_factor,
         "repeats": options.repeats,
         "cases": [case.summary() for case in bench.cases],

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import datetime
 import os
 import platform
 import statistics
@@ -36,6 +37,16 @@ class Sample:
     seconds: float
     cpu: float
     requests: Counter[str]
+
+
+def context(store: str) -> dict[str, Any]:
+    """Where and when a bench ran: its store, the machine, the load average, the time."""
+    return {
+        "store": store,
+        "machine": describe_machine(),
+        "load_average": os.getloadavg(),
+        "when": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+    }
 
 
 def describe_machine() -> str:

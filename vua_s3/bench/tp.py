@@ -14,8 +14,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import datetime
-import os
 import tempfile
 import uuid
 from collections import Counter
@@ -132,7 +130,7 @@ def _location(options: TpBenchOptions) -> Iterator[tuple[str, str]]:
 
 
 def run_tp_bench(options: TpBenchOptions) -> dict[str, Any]:
-    from .report import describe_machine
+    from .report import context
 
     rows: list[dict[str, Any]] = []
     with _location(options) as (location, description):
@@ -152,10 +150,7 @@ def run_tp_bench(options: TpBenchOptions) -> dict[str, Any]:
 
         asyncio.run(main())
     return {
-        "store": description,
-        "machine": describe_machine(),
-        "load_average": os.getloadavg(),
-        "when": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        **context(description),
         "split_factor": options.split_factor,
         "groups": options.groups,
         "rows": rows,
