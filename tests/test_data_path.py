@@ -52,7 +52,7 @@ def test_fragment_segments_are_views_of_the_tensors_and_decode_joined() -> None:
     kv = random_kvcache(layers=2, seq_len=64, heads=3, head_dim=8, dtype=torch.bfloat16)
     meta = {"namespace": "n", "split_factor": "16", "group": "1", "digest": "d", "parent": "p"}
     # the object of KV head 4 of 6, from a cache holding heads 3, 4, 5 (a tensor-parallel rank)
-    segments = fragment_format.encode_segments(kv, 0, 16, TOKENS[16:32], meta, head=4, kv_heads=6, first_head=3)
+    segments = fragment_format.Encoder(kv, 0, first_head=3).encode(16, TOKENS[16:32], meta, head=4, kv_heads=6)
     whole = bytearray().join(segments)
     assert len(whole) == fragment_format.encoded_size(2, 16, 8, torch.bfloat16, meta, head=4, kv_heads=6)
     # header, tokens, then one view per layer x (K, V) straight over the caller's memory

@@ -84,9 +84,7 @@ def test_token_mismatch_is_a_miss(location: str) -> None:
     wrong_tokens = ids[16:32].clone()
     wrong_tokens[3] += 1
     forged = bytearray().join(
-        fragment_format.encode_segments(
-            kv,
-            0,
+        fragment_format.Encoder(kv, 0).encode(
             16,
             wrong_tokens,
             {

@@ -183,27 +183,10 @@ class Encoder:
         return [memoryview(header), *data]
 
 
-def encode_segments(
-    kvcache: KVCache,
-    row: int,
-    start: int,
-    tokens: torch.Tensor,
-    metadata: dict[str, str],
-    *,
-    head: int,
-    kv_heads: int,
-    first_head: int = 0,
-) -> list[memoryview]:
-    """One object (see :class:`Encoder`, which a writer of many objects keeps): KV head
-    ``head`` of ``kv_heads`` for tokens ``[start, start+len(tokens))`` of row ``row``;
-    ``kvcache`` holds heads ``first_head, first_head + 1, ...``."""
-    return Encoder(kvcache, row, first_head=first_head).encode(start, tokens, metadata, head=head, kv_heads=kv_heads)
-
-
 def encoded_size(
     layers: int, tokens: int, head_dim: int, dtype: torch.dtype, metadata: dict[str, str], *, head: int, kv_heads: int
 ) -> int:
-    """The exact size of the object :func:`encode_segments` makes for this layout and
+    """The exact size of the object :meth:`Encoder.encode` makes for this layout and
     metadata: a reader that knows the layout fetches an object without probing it."""
     header = _header(layers, tokens, head_dim, dtype, {**metadata, **_head_metadata(head, kv_heads), _CRC_KEY: "0" * 8})
     return len(header) + tokens * 8 + layers * 2 * tokens * head_dim * dtype.itemsize

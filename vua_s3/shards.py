@@ -57,6 +57,11 @@ class HeadRange:
         """The head probed for the whole range: its writer stores it after the others."""
         return self.start
 
+    @property
+    def rest(self) -> range:
+        """Every head of the range but the representative."""
+        return range(self.start + 1, self.stop)
+
 
 def _check_tp(tp_size: int, rank: int, kv_heads: int) -> None:
     for name, value in (("tp_size", tp_size), ("rank", rank), ("kv_heads", kv_heads)):

@@ -380,7 +380,7 @@ class AsyncVUA:
             if self._kv_heads is None:
                 return [0]
             heads = HeadRange.all(self._kv_heads)
-        return [heads.representative, *(head for head in heads.heads if head != heads.representative)]
+        return [heads.representative, *heads.rest]
 
     def _groups(self, ids: torch.Tensor, salt: str | None, heads: HeadRange | None = None) -> list[_Group]:
         if salt is not None and not isinstance(salt, str):
@@ -462,8 +462,7 @@ class AsyncVUA:
     ) -> None:
         """The one group writer: one object per head, the representative last, so finding
         it means this writer stored the rest."""
-        others = [head for head in heads.heads if head != heads.representative]
-        await gather_or_cancel(*(self._write_head(encoder, kv_start, ids, group, heads, h) for h in others))
+        await gather_or_cancel(*(self._write_head(encoder, kv_start, ids, group, heads, h) for h in heads.rest))
         await self._write_head(encoder, kv_start, ids, group, heads, heads.representative)
 
     async def _write_head(
@@ -621,7 +620,7 @@ class AsyncVUA:
         group's representative, which tells it."""
         first = assembly.representative
         if assembly.heads is not None:
-            order = [first, *(head for head in assembly.heads.heads if head != first)]
+            order = [first, *assembly.heads.rest]
             loaded = await gather_or_cancel(*(self._load_head(group, h, index, size, ids, assembly) for h in order))
             return all(loaded)
         if not await self._load_head(group, first, index, size, ids, assembly):
@@ -629,8 +628,7 @@ class AsyncVUA:
         heads = await assembly.layout()
         if heads is None:
             return False
-        rest = [head for head in heads.heads if head != first]
-        return all(await gather_or_cancel(*(self._load_head(group, h, index, size, ids, assembly) for h in rest)))
+        return all(await gather_or_cancel(*(self._load_head(group, h, index, size, ids, assembly) for h in heads.rest)))
 
     async def _load_head(
         self, group: _Group, head: int, index: int, size: int, ids: torch.Tensor, assembly: _Assembly

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -97,9 +98,10 @@ class Floor:
     async def head(self, key: str) -> None:
         await self._limited(lambda: self._client.head_object(Bucket=self.store.bucket, Key=self._name(key)))
 
-    async def list(self, prefix: str) -> None:
-        """One LIST page of the store's keys under ``prefix``, e.g. every head of one group."""
-        await self._limited(lambda: self._client.list_objects_v2(Bucket=self.store.bucket, Prefix=self._name(prefix)))
+    async def list(self, keys: Sequence[str]) -> None:
+        """One LIST page of the keys' common prefix, as the store probes one group's heads."""
+        prefix = self._name(os.path.commonprefix(list(keys)))  # noqa: RUF071 - a key prefix, character by character
+        await self._limited(lambda: self._client.list_objects_v2(Bucket=self.store.bucket, Prefix=prefix))
 
     async def delete(self, keys: Sequence[str]) -> None:
         async def delete(key: str) -> None:

@@ -296,7 +296,7 @@ def _measure(
         for kind, query in (("full", rows[0]), ("half", half), ("miss", rows[0] + 1), ("long", longer)):
             forget()
             checks[f"lookup_{kind}"] = timed(f"lookup_{kind}", vua.lookup, query, salt=salt)
-        group_heads = cfg.tokens_to_paths(rows[0], salt=salt, kv_heads=heads)[0].rsplit(".h", 1)[0] + ".h"
+        group_heads = cfg.tokens_to_paths(rows[0], salt=salt, kv_heads=heads)[:heads]  # group 0's objects
         for _ in range(3):
             timed("floor_head", loop.run, floor.head(floor_keys[0]))
             timed("floor_list", loop.run, floor.list(group_heads))
