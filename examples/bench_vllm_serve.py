@@ -1,4 +1,4 @@
-"""The serving benchmark is a command now: ``vua-s3 bench-vllm`` (see README, "vLLM").
+"""The serving benchmark is a command now: ``vua-s3 bench-vllm`` (see ``docs/vllm.md``).
 
 python examples/bench_vllm_serve.py --workload chat   # same as: vua-s3 bench-vllm --workload chat
 """

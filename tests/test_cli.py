@@ -60,4 +60,4 @@ def test_cli_errors_are_clear() -> None:
     out = vua_s3("stats", "gs://bucket/x")
     assert out.returncode == 1 and "unknown URL scheme 'gs'" in out.stderr and "Traceback" not in out.stderr
     out = vua_s3("demo", "--tokens", "0")
-    assert out.returncode == 2 and "must be positive" in out.stderr
+    assert out.returncode == 2 and "must be a positive integer" in out.stderr

@@ -11,14 +11,18 @@ from __future__ import annotations
 
 import asyncio
 import multiprocessing
+import os
 import random
+import threading
 from collections.abc import Callable
 from typing import Any
 
+import pytest
 import torch
 
 from vua_s3 import VUA, AsyncVUA, ClosestKV, VUAConfig, open_store
 from vua_s3 import fragment as fragment_format
+from vua_s3.storage.posix import PosixStore
 
 S = 16
 CFG = VUAConfig(split_factor=S, namespace="concurrency")
@@ -184,3 +188,30 @@ def test_tasks_share_one_async_vua(location: str) -> None:
     runs = asyncio.run(main())
     assert sum(hit for _, hit in runs) > 0
     verify_store(location, [t for stored, _ in runs for t in stored])
+
+
+def test_a_cancelled_posix_write_returns_only_after_its_thread(tmp_path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """The caller's buffers (a pooled capture, say) are reused once a cancelled put returns:
+    the thread still writing them must be done by then, or the next capture tears the object."""
+    writing, finish = threading.Event(), threading.Event()
+    real_fsync = os.fsync
+
+    def slow_fsync(fd: int) -> None:
+        writing.set()
+        finish.wait(30)
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", slow_fsync)
+    store = PosixStore(tmp_path)
+
+    async def scenario() -> None:
+        task = asyncio.ensure_future(store.put_segments("ns/ab/x", [memoryview(b"x" * 64)]))
+        await asyncio.to_thread(writing.wait, 30)
+        task.cancel()
+        await asyncio.sleep(0.05)  # a put that let go of its thread would be done by now
+        assert not task.done()
+        finish.set()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+
+    asyncio.run(scenario())

@@ -19,7 +19,8 @@ from vua_s3 import VUA, AccessDeniedError, InvalidLocationError, ObjectNotFoundE
 from vua_s3.errors import SizeMismatchError
 from vua_s3.storage import Store
 from vua_s3.storage.s3 import S3Store
-from vua_s3.testing.moto import EMBEDDED_REGION, EmbeddedS3, free_port
+from vua_s3.testing.faultproxy import Fault, FaultProxy
+from vua_s3.testing.moto import EmbeddedS3
 from vua_s3.testing.seaweed import SeaweedS3
 
 try:
@@ -88,7 +89,7 @@ def test_kv_round_trips_and_the_chosen_transport_moves_it(server, transport: str
     store = connected(url + "&part_size=5MiB")
     with VUA(VUAConfig(split_factor=256), store) as vua:
         assert vua.put(tokens, kv) == 1
-        vua._async._known.clear()
+        vua.forget_known()
         res = vua.get_closest(tokens)
         assert store.transport == transport
     assert res is not None
@@ -140,7 +141,7 @@ def test_payload_signing_setting_reaches_the_server(moto_server, transport: str,
         assert sent not in (None, "UNSIGNED-PAYLOAD")
 
 
-def test_crt_failures_map_like_botocore_ones(seaweed_server, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+def test_crt_failures_map_like_botocore_ones(seaweed_server) -> None:  # type: ignore[no-untyped-def]
     """SeaweedFS checks signatures: wrong credentials are a refusal, not a miss."""
     url = seaweed_server.url(unique_prefix()) + "&transport=crt"
 
@@ -161,51 +162,32 @@ def test_crt_failures_map_like_botocore_ones(seaweed_server, monkeypatch) -> Non
 
     asyncio.run(scenario())
 
-    async def refused() -> None:
-        store = connected(url)
-        try:
-            await store.put("b", b"1")
-            store._crt._credentials = _Wrong()  # type: ignore[union-attr]
-            with pytest.raises(AccessDeniedError, match="get_object"):
-                await store.get_into("b", memoryview(bytearray(1)))
-        finally:
-            await store.close()
+    # A GET the server refuses (as SeaweedFS refuses a bad signature) is a refusal on this path too.
+    with FaultProxy(seaweed_server.port) as proxy:
+        proxy.faults.append(Fault("status", method="GET", status=403, code="AccessDenied"))
 
-    asyncio.run(refused())
+        async def refused() -> None:
+            through = seaweed_server.url(unique_prefix()).replace(seaweed_server.endpoint_url, proxy.endpoint_url)
+            store = connected(through + "&transport=crt")
+            try:
+                await store.put("b", b"1")
+                with pytest.raises(AccessDeniedError, match="get_object"):
+                    await store.get_into("b", memoryview(bytearray(1)))
+            finally:
+                await store.close()
 
-
-class _Wrong:
-    async def get_frozen_credentials(self) -> object:
-        class Frozen:
-            access_key, secret_key, token = "wrong", "wrong", None
-
-        return Frozen()
+        asyncio.run(refused())
 
 
 def test_crt_endpoint_down_is_a_miss(moto_server) -> None:  # type: ignore[no-untyped-def]
     """The bucket answered once, then nothing listens: reads are a miss, strict ones raise."""
-    url = moto_server.url(unique_prefix()) + "&transport=crt&max_attempts=1&connect_timeout=1"
     tokens = torch.randint(0, 100_000, (32,))
-    store = connected(url)
-    with VUA(VUAConfig(split_factor=16), store, timeout=10) as vua:
-        vua.put(tokens, random_kvcache(seq_len=32))
-        crt = store._crt
-        assert crt is not None
-        crt._host = f"127.0.0.1:{free_port()}"
-        # A new client: the old one keeps its connections to the live server.
-        store._crt = type(crt)(
-            f"http://{crt._host}{crt._base}",
-            EMBEDDED_REGION,
-            crt._credentials,
-            part_size=5 << 20,
-            multipart_threshold=128 << 20,
-            max_attempts=1,
-            connect_timeout=1.0,
-            concurrency=4,
-            verify=True,
-            ca_bundle=None,
-            sign_payload=False,
-            checksums=False,
-        )
-        assert vua.get_closest(tokens) is None
-    asyncio.run(crt.close())
+    with FaultProxy(moto_server.port) as proxy:
+        url = moto_server.url(unique_prefix()).replace(moto_server.endpoint_url, proxy.endpoint_url)
+        store = connected(url + "&transport=crt&max_attempts=1&connect_timeout=1")
+        with VUA(VUAConfig(split_factor=16), store, timeout=10) as vua:
+            vua.put(tokens, random_kvcache(seq_len=32))
+            assert store.transport == "crt"
+            vua.forget_known()
+            proxy.down()
+            assert vua.get_closest(tokens) is None

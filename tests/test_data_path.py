@@ -18,7 +18,7 @@ from vua_s3.storage import Store
 from vua_s3.storage.posix import PosixStore
 from vua_s3.storage.s3 import S3Store
 from vua_s3.storage.s3.body import SegmentBody, cut
-from vua_s3.testing.moto import free_port
+from vua_s3.testing.faultproxy import Fault, FaultProxy
 
 CFG = VUAConfig(split_factor=16)
 TOKENS = torch.randint(0, 50_000, (64,), generator=torch.Generator().manual_seed(3))
@@ -135,48 +135,41 @@ def test_receive_buffers_are_reused_across_reads(moto_server) -> None:  # type: 
     kv = random_kvcache(layers=4, seq_len=64, heads=4, head_dim=64)
     with VUA(CFG, moto_server.url(unique_prefix()), max_inflight=2) as vua:
         vua.put(TOKENS, kv)
-        pool = vua._async._pool
         first = vua.get_closest(TOKENS)
-        kept = {b.data_ptr() for free in pool._free.values() for b in free}
-        assert 0 < len(kept) <= 2  # at most max_inflight idle buffers
+        allocated, idle = vua.core.buffers.allocated, vua.core.buffers.idle()
+        assert 0 < idle == allocated <= 2  # one buffer per object in transit, at most max_inflight
         second = vua.get_closest(TOKENS)
-        assert {b.data_ptr() for free in pool._free.values() for b in free} == kept
+        assert (vua.core.buffers.allocated, vua.core.buffers.idle()) == (allocated, idle)  # every buffer reused
     assert first is not None and second is not None
     assert_kv_equal(second.data, kv)
     assert_kv_equal(first.data, kv)  # results own their memory: reusing the buffers left them intact
 
 
-def test_heads_go_direct_and_fall_back_to_botocore(location: str) -> None:
+def test_heads_go_direct_and_fall_back_to_botocore(moto_server) -> None:  # type: ignore[no-untyped-def]
     """HEADs (probes of one head) skip botocore's pipeline; when the direct path fails,
-    botocore answers instead."""
-    if not location.startswith("s3://"):
-        pytest.skip("S3 only")
+    botocore answers instead, and keeps answering (the direct path is turned off)."""
     kv = random_kvcache(seq_len=32, heads=1)
     botocore_heads = []
     session = aioboto3.Session()
     session.events.register("before-call.s3.HeadObject", lambda **_: botocore_heads.append(1))
-    store = S3Store.from_url(location, session=session)
-    with VUA(CFG, store) as vua:
-        vua.put(TOKENS[:32], kv)
-        vua._async._known.clear()
-        assert vua.lookup(TOKENS) == 32
-        assert botocore_heads == [] and store.requests["head_object"] == 6
-
-        async def break_direct_path() -> None:
-            lc = await store._client()
-            assert lc.direct is not None and lc.direct.enabled
-            lc.direct._base = f"http://127.0.0.1:{free_port()}/nothing-listens/"
-
-        vua._loop.run(break_direct_path())
-        vua._async._known.clear()
-        assert vua.lookup(TOKENS) == 32  # same answer, from botocore
-        assert len(botocore_heads) >= 1
-
-        async def direct_enabled() -> bool:
-            lc = await store._client()
-            return lc.direct is not None and lc.direct.enabled
-
-        assert not vua._loop.run(direct_enabled())  # turned off after the connection failure
+    with FaultProxy(moto_server.port) as proxy:
+        url = moto_server.url(unique_prefix()).replace(moto_server.endpoint_url, proxy.endpoint_url)
+        store = S3Store.from_url(url, session=session)
+        with VUA(CFG, store) as vua:
+            vua.put(TOKENS[:32], kv)
+            vua.forget_known()
+            assert vua.lookup(TOKENS) == 32
+            assert botocore_heads == [] and store.requests["head_object"] == 6
+            # Every HEAD not sent by botocore (it marks its own) has its connection reset.
+            proxy.faults.append(Fault("reset", method="HEAD", without_header="amz-sdk-invocation-id"))
+            vua.forget_known()
+            assert vua.lookup(TOKENS) == 32  # same answer, from botocore
+            assert len(botocore_heads) >= 1
+            before, resets = len(botocore_heads), proxy.served("reset")
+            vua.forget_known()
+            assert vua.lookup(TOKENS) == 32
+            assert len(botocore_heads) > before
+            assert proxy.served("reset") == resets  # the direct path was turned off after its failures
 
 
 def test_put_stores_the_leading_positions_of_a_longer_kvcache(location: str) -> None:

@@ -1,6 +1,6 @@
 """Faults between the client and a real S3 server (moto), injected by a TCP proxy on 127.0.0.1.
 
-What each test shows is what a user can rely on (README, "Failure behaviour"):
+What each test shows is what a user can rely on (docs/operations.md, "Failure behaviour"):
 uploads fail loudly and leave nothing behind, transient errors are retried a bounded
 number of times, outages make reads a miss (one warning per outage) unless
 ``strict``, damaged answers are never returned, and refused access always raises.

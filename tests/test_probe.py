@@ -70,7 +70,7 @@ def test_a_miss_and_a_full_hit_take_one_wave(n: int) -> None:
 
 
 def test_the_worst_case_is_reached() -> None:
-    """``worst_case`` is the bound the bench and the README quote: exact, not loose."""
+    """``worst_case`` is the bound the bench and docs/lookups.md quote: exact, not loose."""
     for n in (1, 2, 5, 8, 32, 100):
         for waves in (1, 2, 3, 4):
             most = max(search(n, set(range(hit)), waves)[1].requests for hit in range(n + 1))

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -10,28 +12,30 @@ from conftest import assert_kv_equal, random_kvcache, unique_prefix
 
 from vua_s3 import VUA, VUAConfig, open_store
 from vua_s3.storage.s3 import S3Settings, S3Store
+from vua_s3.testing.faultproxy import FaultProxy
+from vua_s3.testing.moto import EmbeddedS3
 from vua_s3.units import parse_size
 
 CFG = VUAConfig(split_factor=256)
 
 
-def test_large_fragment_goes_through_multipart_and_ranged_reads(moto_server, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+def via(proxy: FaultProxy, server: EmbeddedS3, prefix: str) -> str:
+    """``server``'s URL for ``prefix``, through ``proxy``."""
+    return server.url(prefix).replace(server.endpoint_url, proxy.endpoint_url)
+
+
+def test_large_fragment_goes_through_multipart_and_ranged_reads(moto_server) -> None:  # type: ignore[no-untyped-def]
     prefix = unique_prefix()
-    url = moto_server.url(prefix) + "&multipart_threshold=5MiB&part_size=5MiB&transport=aiobotocore"  # its ranged reads
     tokens = torch.randint(0, 100_000, (256,))
     kv = random_kvcache(layers=48, seq_len=256, heads=1, head_dim=128, dtype=torch.float32)  # one 12 MiB object
-    ranges: list[tuple[int, int | None]] = []
-    original_read = S3Store._read
-
-    async def counting_read(self, client, name, buf=None, start=0, end=None):  # type: ignore[no-untyped-def]
-        ranges.append((start, end))
-        return await original_read(self, client, name, buf, start, end)
-
-    monkeypatch.setattr(S3Store, "_read", counting_read)
-    with VUA(CFG, url) as vua:
-        assert vua.put(tokens, kv) == 1
-        res = vua.get_closest(tokens)
+    with FaultProxy(moto_server.port) as proxy:  # sees every request, changes none
+        url = via(proxy, moto_server, prefix) + "&multipart_threshold=5MiB&part_size=5MiB&transport=aiobotocore"
+        with VUA(CFG, url) as vua:
+            assert vua.put(tokens, kv) == 1
+            res = vua.get_closest(tokens)
     assert res is not None
+    ranges = [r.headers["range"] for r in proxy.requests if r.method == "GET" and "range" in r.headers]
+    ranges.sort(key=lambda r: int(r.removeprefix("bytes=").split("-")[0]))
     assert_kv_equal(res.data, kv)
 
     client = moto_server.client()
@@ -40,7 +44,12 @@ def test_large_fragment_goes_through_multipart_and_ranged_reads(moto_server, mon
     assert head["ContentLength"] > 12 << 20
     assert head["ETag"].strip('"').endswith("-3")  # S3 marks multipart objects "<md5>-<parts>"
     assert not client.list_multipart_uploads(Bucket=moto_server.bucket, Prefix=prefix).get("Uploads")
-    assert sorted(ranges) == [(0, 5 << 20), (5 << 20, 10 << 20), (10 << 20, head["ContentLength"])]
+    size = head["ContentLength"]
+    assert ranges == [
+        f"bytes=0-{(5 << 20) - 1}",
+        f"bytes={5 << 20}-{(10 << 20) - 1}",
+        f"bytes={10 << 20}-{size - 1}",
+    ]
 
 
 def test_small_fragments_are_single_puts(moto_server) -> None:  # type: ignore[no-untyped-def]
@@ -97,17 +106,20 @@ def test_checksum_mode_when_supported_round_trips(moto_server) -> None:  # type:
 
 
 def test_one_client_per_event_loop(moto_server) -> None:  # type: ignore[no-untyped-def]
-    store = open_store(moto_server.url(unique_prefix()))
+    """A client is opened (and the bucket checked, one HEAD of the bucket) once per event loop."""
+    with FaultProxy(moto_server.port) as proxy:
+        store = open_store(via(proxy, moto_server, unique_prefix()))
 
-    async def use() -> int:
-        await store.put("k/x", b"1")
-        first = await store._client()  # type: ignore[attr-defined]
-        await store.head_many(["k/x"] * 20)
-        assert await store._client() is first  # type: ignore[attr-defined]
-        await store.close()
-        return id(first)
+        async def use() -> None:
+            await store.put("k/x", b"1")
+            await asyncio.gather(*(store.head_many(["k/x"] * 5) for _ in range(4)))
+            await store.close()
 
-    assert asyncio.run(use()) != 0
+        asyncio.run(use())
+        asyncio.run(use())
+    bucket_checks = [r for r in proxy.requests if r.method == "HEAD" and r.path.rstrip("/") == f"/{moto_server.bucket}"]
+    assert len(bucket_checks) == 2
+    assert sum(r.method == "HEAD" for r in proxy.requests) == 2 + 2 * 20
 
 
 def test_head_siblings_lists_once_per_set_and_heads_a_lone_key(moto_server) -> None:  # type: ignore[no-untyped-def]
@@ -136,3 +148,22 @@ def test_head_siblings_lists_once_per_set_and_heads_a_lone_key(moto_server) -> N
         await store.close()
 
     asyncio.run(go())
+
+
+def test_a_script_that_never_closes_its_vua_exits_quietly(moto_server) -> None:  # type: ignore[no-untyped-def]
+    """The original VUA API has no close: whatever the process opened is closed at exit,
+    without aiohttp's 'Unclosed client session' warnings."""
+    script = (
+        "import sys, torch\n"
+        "from vua_s3 import VUA, VUAConfig\n"
+        "vua = VUA(VUAConfig(split_factor=16), sys.argv[1])\n"
+        "tokens = torch.arange(32)\n"
+        "vua.put(tokens, [(torch.randn(1, 2, 32, 8), torch.randn(1, 2, 32, 8))])\n"
+        "print(vua.get_closest(tokens).tokens.numel())\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script, moto_server.url(unique_prefix())], capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "32"
+    assert "Unclosed" not in done.stderr and "Traceback" not in done.stderr

@@ -5,10 +5,11 @@ from __future__ import annotations
 import pytest
 
 from vua_s3 import HeadRange
-from vua_s3.keys import fragment_keys
+from vua_s3.keys import Group
 from vua_s3.shards import rank_heads, rank_writes
 
 SIZES = (1, 2, 4, 8)
+GROUP = Group("ns", 16, 0, b"\x01" * 32, None)
 
 
 @pytest.mark.parametrize("kv_heads", SIZES)
@@ -37,10 +38,10 @@ def test_a_reader_of_any_size_finds_exactly_its_heads(writer: int, reader: int, 
         key
         for rank in range(writer)
         if (heads := rank_writes(writer, rank, kv_heads)) is not None
-        for key in fragment_keys("ns", b"\x01" * 32, heads)
+        for key in GROUP.keys(heads.heads)
     }
     for rank in range(reader):
-        needed = fragment_keys("ns", b"\x01" * 32, rank_heads(reader, rank, kv_heads))
+        needed = GROUP.keys(rank_heads(reader, rank, kv_heads).heads)
         assert set(needed) <= stored
         assert len(needed) == max(1, kv_heads // reader)
 

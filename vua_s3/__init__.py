@@ -19,7 +19,8 @@ from .errors import (
 )
 from .shards import HeadRange
 from .storage import ObjectInfo, Store, open_store
-from .vua import VUA, AsyncVUA, ClosestKV
+from .sync import VUA
+from .vua import AsyncVUA, ClosestKV
 
 __all__ = [
     "VUA",

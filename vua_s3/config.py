@@ -2,15 +2,21 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Generic, TypeVar
 
 import torch
 
-from .keys import check_namespace, group_keys, one_sequence, token_ids
+from .checks import positive_int
+from .keys import Group, chain, check_namespace, group_keys, one_sequence, token_ids
 
 _R = TypeVar("_R")
+
+#: Tokens per stored group unless configured: a multiple of every vLLM block size.
+DEFAULT_SPLIT_FACTOR = 256
+_IDENTITY_RE = re.compile(r"^[A-Za-z0-9._=+:/-]{0,256}$")
 
 
 class _config_method(Generic[_R]):
@@ -33,22 +39,28 @@ class _config_method(Generic[_R]):
 class VUAConfig:
     """Settings a cache is valid for.
 
-    ``split_factor`` is the number of tokens per stored group (the default 256 is a
-    multiple of every vLLM block size). ``namespace`` names the model identity (model,
-    revision, dtype, KV layout, pipeline stage; not the tensor-parallel size, as each
-    object holds one KV head): fragments written under one namespace are never
-    returned under another, so models can share a bucket.
+    ``split_factor`` is the number of tokens per stored group. ``namespace`` names
+    the model a cache holds (part of every key): fragments written under one namespace
+    are never returned under another, so models can share a bucket. ``identity``, when
+    set, is a digest of everything that changes the model's K/V bytes (the integrations
+    derive it); it is written into every object and checked on read, so two deployments
+    that chose the same namespace for different models cannot read each other's KV.
     """
 
-    split_factor: int = 256
+    split_factor: int = DEFAULT_SPLIT_FACTOR
     namespace: str = "default"
+    identity: str = ""
 
     def __post_init__(self) -> None:
         if isinstance(self.split_factor, bool) or not isinstance(self.split_factor, int):
             raise TypeError(f"split_factor must be an int, got {self.split_factor!r}")
-        if self.split_factor <= 0:
-            raise ValueError(f"split_factor must be positive, got {self.split_factor}")
+        positive_int("split_factor", self.split_factor)
         check_namespace(self.namespace)
+        if not isinstance(self.identity, str) or not _IDENTITY_RE.match(self.identity):
+            raise ValueError(
+                f"identity {self.identity!r} is not valid: "
+                "use at most 256 characters of letters, digits and . _ = + : / -"
+            )
 
     @classmethod
     def coerce(cls, config: VUAConfig | type[VUAConfig]) -> VUAConfig:
@@ -73,6 +85,10 @@ class VUAConfig:
         """The storage keys (relative to the store root) of ``tokens``: one per group (the
         object probed for it), or with ``kv_heads`` every head's, group by group."""
         return group_keys(self.namespace, self.split_factor, token_ids(tokens, self.split_factor), salt, kv_heads)
+
+    def chain(self, ids: torch.Tensor, salt: str | None = None) -> list[Group]:
+        """The groups of a validated token sequence (:func:`~vua_s3.keys.token_ids`) in this cache."""
+        return chain(ids, self.split_factor, self.namespace, salt, self.identity)
 
     # The original VUA spelled it in the singular.
     tokens_to_path = tokens_to_paths

@@ -58,7 +58,3 @@ class SizeMismatchError(StoreError):
 
 class FragmentError(VUAError):
     """A stored object is not a usable fragment for the query (corrupt, truncated, foreign)."""
-
-
-class ServerNotFoundError(VUAError, RuntimeError):
-    """A local test server's program (e.g. SeaweedFS's ``weed``) is not installed."""

@@ -5,11 +5,14 @@ Layout, format version 2 (readable by ``safetensors.torch.load``)::
     tokens  int64 [S]                               the group's token ids
     kv      <dtype> [layers, 2, 1, S, head_dim]     K (index 0) and V (index 1) of one KV head
     __metadata__: format, version, namespace, split_factor, group, digest, parent,
-                  head, kv_heads, crc32c (or crc32)
+                  [identity,] head, kv_heads, crc32c (or crc32)
 
 One KV head per object, so a tensor-parallel rank of any size writes and reads exactly
 its heads (``shards.py``). ``head`` and ``kv_heads`` say which head of how many this is
-and are checked on read like the group and digest. The head index is zero-padded to
+and are checked on read like the group and digest. ``identity``, present when the writer
+named one, is a digest of everything that changes the K/V bytes of the model (the
+integrations derive it): two deployments that typed the same namespace for different
+models still never read each other's objects. ``docs/format.md`` states every field. The head index is zero-padded to
 the width of the largest, so all objects of a group have one size: a reader that knows
 the layout computes it (:func:`encoded_size`) and one probe's size serves every head.
 Version 1 objects (``kv [layers, 2, heads, S, head_dim]``, every head in one) are
@@ -40,7 +43,8 @@ from .errors import FragmentError
 FORMAT = "vua_s3/fragment"
 VERSION = "2"
 
-_DTYPE_NAMES: dict[torch.dtype, str] = {
+#: The safetensors name of every dtype a fragment can hold.
+DTYPE_NAMES: dict[torch.dtype, str] = {
     torch.float64: "F64",
     torch.float32: "F32",
     torch.float16: "F16",
@@ -53,7 +57,7 @@ _DTYPE_NAMES: dict[torch.dtype, str] = {
     torch.int8: "I8",
     torch.uint8: "U8",
 }
-_DTYPES = {name: dtype for dtype, name in _DTYPE_NAMES.items()}
+_DTYPES = {name: dtype for dtype, name in DTYPE_NAMES.items()}
 _HEADER_ALIGN = 8
 #: A fragment header is under a KiB; anything much longer is not one, and is not parsed.
 MAX_HEADER_BYTES = 1 << 16
@@ -88,38 +92,49 @@ class Fragment:
 def dtype_name(dtype: torch.dtype) -> str:
     """The safetensors name of a torch dtype, or a clear error for unsupported ones."""
     try:
-        return _DTYPE_NAMES[dtype]
+        return DTYPE_NAMES[dtype]
     except KeyError:
-        raise TypeError(f"KV dtype {dtype} cannot be stored; use one of {sorted(map(str, _DTYPE_NAMES))}") from None
+        raise TypeError(f"KV dtype {dtype} cannot be stored; use one of {sorted(map(str, DTYPE_NAMES))}") from None
+
+
+def dtype_of(name: str) -> torch.dtype:
+    """The torch dtype of a safetensors dtype name (``KeyError`` for names fragments never hold)."""
+    return _DTYPES[name]
 
 
 def group_metadata(
-    namespace: str, split_factor: int, group: int, digest: bytes, parent: bytes | None
+    namespace: str, split_factor: int, group: int, digest: bytes, parent: bytes | None, identity: str = ""
 ) -> dict[str, str]:
-    """The metadata that binds a fragment to one group of one prefix (checked by :func:`check_group`)."""
-    return {
+    """The metadata that binds a fragment to one group of one prefix and, with a non-empty
+    ``identity``, to one model identity (checked by :func:`check_group`)."""
+    metadata = {
         "namespace": namespace,
         "split_factor": str(split_factor),
         "group": str(group),
         "digest": digest.hex(),
         "parent": parent.hex() if parent else "",
     }
+    if identity:
+        metadata["identity"] = identity
+    return metadata
 
 
-def check_group(
-    frag: Fragment, namespace: str, split_factor: int, group: int, digest: bytes, tokens: torch.Tensor, head: int
-) -> None:
-    """Raise :class:`FragmentError` unless ``frag`` is exactly KV head ``head`` of group
-    ``group`` (digest ``digest``) of ``namespace`` and holds ``tokens``, the query's tokens
-    of that group."""
+def check_group(frag: Fragment, expected: dict[str, str], tokens: torch.Tensor, head: int) -> None:
+    """Raise :class:`FragmentError` unless ``frag`` carries the ``expected`` group metadata
+    (:func:`group_metadata`; an absent identity is the empty one), is KV head ``head`` and
+    holds ``tokens``, the query's tokens of that group."""
     meta = frag.metadata
-    expected = group_metadata(namespace, split_factor, group, digest, None)
-    del expected["parent"]  # informational: the digest already binds the whole prefix
-    for name, value in expected.items():
-        if meta.get(name) != value:
-            raise FragmentError(f"metadata {name}={meta.get(name)!r}, expected {value!r}")
+    for name in ("namespace", "split_factor", "group", "digest"):  # parent: the digest binds the prefix
+        if meta.get(name) != expected[name]:
+            raise FragmentError(f"metadata {name}={meta.get(name)!r}, expected {expected[name]!r}")
+    if meta.get("identity", "") != expected.get("identity", ""):
+        raise FragmentError(
+            f"written by another model identity ({meta.get('identity', '')!r}, expected "
+            f"{expected.get('identity', '')!r}): a namespace shared by different models"
+        )
     if frag.head != head:
         raise FragmentError(f"object holds KV head {frag.head}, expected head {head}")
+    split_factor = int(expected["split_factor"])
     if frag.kv.size(3) != split_factor:
         raise FragmentError(f"kv tensor has shape {list(frag.kv.shape)}, expected [layers, 2, 1, {split_factor}, dim]")
     if not torch.equal(frag.tokens, tokens):

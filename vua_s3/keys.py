@@ -10,7 +10,7 @@ before it, and each of its KV heads is one object::
 so a key names a whole prefix: two prompts share group ``i`` only if they agree on
 all tokens up to its end. One object per KV head makes the objects independent of the
 tensor-parallel size: a rank writes the heads it holds and reads the heads it needs,
-whatever the TP size of the writer (``shards.py``; the README has the request and byte
+whatever the TP size of the writer (``shards.py``; ``docs/format.md`` has the request and byte
 counts that chose this layout). Keys are relative to the store's root (an S3 bucket
 prefix or a directory); the two-character fan-out keeps POSIX directories small. The
 digest never uses Python's ``hash()``, so keys agree across processes and hosts.
@@ -25,10 +25,12 @@ from __future__ import annotations
 import hashlib
 import re
 import sys
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import torch
 
+from . import fragment
 from .errors import SplitFactorError
 from .shards import HeadRange
 
@@ -100,6 +102,17 @@ def one_sequence(tokens: torch.Tensor) -> torch.Tensor:
     return tokens
 
 
+def whole_groups(tokens: torch.Tensor, split_factor: int) -> torch.Tensor | None:
+    """A query's tokens as 1-D, trimmed to whole groups; ``None`` if shorter than one group."""
+    if not isinstance(tokens, torch.Tensor):
+        raise TypeError(f"tokens must be a torch.Tensor, got {type(tokens).__name__}")
+    if tokens.numel() == 0:
+        raise ValueError("tokens is empty: there is nothing to look up")
+    tokens = one_sequence(tokens)
+    trimmed = tokens[: len(tokens) - len(tokens) % split_factor]
+    return trimmed if trimmed.numel() else None
+
+
 def token_ids(tokens: torch.Tensor, split_factor: int) -> torch.Tensor:
     """Validate one sequence of token ids and return it as a 1-D int64 CPU tensor.
 
@@ -152,9 +165,61 @@ def fragment_key(namespace: str, digest: bytes, head: int) -> str:
     return f"{namespace}/{hexdigest[:2]}/{hexdigest}.h{head}{FRAGMENT_SUFFIX}"
 
 
-def fragment_keys(namespace: str, digest: bytes, heads: HeadRange) -> list[str]:
-    """The keys a reader of ``heads`` needs for one group, in head order."""
-    return [fragment_key(namespace, digest, head) for head in heads.heads]
+@dataclass(frozen=True)
+class Group:
+    """One group of one token sequence: its place in the chain, the names of its head
+    objects, and what each of them must say about itself (its metadata)."""
+
+    namespace: str
+    split_factor: int
+    number: int
+    digest: bytes
+    parent: bytes | None
+    identity: str = ""
+    """The writer's model identity (``VUAConfig.identity``), checked on read."""
+
+    @property
+    def start(self) -> int:
+        """The group's first token in the sequence."""
+        return self.number * self.split_factor
+
+    @property
+    def stop(self) -> int:
+        return self.start + self.split_factor
+
+    def key(self, head: int) -> str:
+        """The key of KV head ``head``'s object."""
+        return fragment_key(self.namespace, self.digest, head)
+
+    def keys(self, heads: Iterable[int]) -> tuple[str, ...]:
+        return tuple(self.key(head) for head in heads)
+
+    def metadata(self) -> dict[str, str]:
+        """The metadata every head object of this group carries (and a reader checks)."""
+        return fragment.group_metadata(
+            self.namespace, self.split_factor, self.number, self.digest, self.parent, self.identity
+        )
+
+    def encoded_size(self, layers: int, head_dim: int, dtype: torch.dtype, heads: HeadRange) -> int:
+        """The size of each head object of this group for a KV layout: every head of a
+        group has the same size, so a reader that knows the layout fetches without a probe."""
+        return fragment.encoded_size(
+            layers, self.split_factor, head_dim, dtype, self.metadata(), head=heads.representative, kv_heads=heads.total
+        )
+
+    def check(self, frag: fragment.Fragment, ids: torch.Tensor, head: int) -> None:
+        """Raise :class:`~vua_s3.errors.FragmentError` unless ``frag`` is KV head ``head`` of
+        this group and holds its tokens of ``ids`` (the whole query)."""
+        fragment.check_group(frag, self.metadata(), ids[self.start : self.stop], head)
+
+
+def chain(ids: torch.Tensor, split_factor: int, namespace: str, salt: str | None, identity: str = "") -> list[Group]:
+    """Every full group of ``ids`` (validated by :func:`token_ids`), in order."""
+    digests = group_digests(ids, split_factor, namespace, salt)
+    return [
+        Group(namespace, split_factor, i, digest, digests[i - 1] if i else None, identity)
+        for i, digest in enumerate(digests)
+    ]
 
 
 def group_keys(
@@ -162,7 +227,5 @@ def group_keys(
 ) -> list[str]:
     """The keys of an already validated token sequence, group by group: every head's with
     ``kv_heads``, else the one probed for each group (its head 0)."""
-    digests = group_digests(ids, split_factor, namespace, salt)
-    if kv_heads is None:
-        return [fragment_key(namespace, d, 0) for d in digests]
-    return [key for d in digests for key in fragment_keys(namespace, d, HeadRange.all(kv_heads))]
+    heads = range(1) if kv_heads is None else HeadRange.all(kv_heads).heads
+    return [key for group in chain(ids, split_factor, namespace, salt) for key in group.keys(heads)]

@@ -1,11 +1,12 @@
-"""A private event loop on a daemon thread: the sync face of the async core."""
+"""Event-loop plumbing: the private loop thread behind the sync face, and the helpers that
+keep cancellation from leaving work running behind a caller."""
 
 from __future__ import annotations
 
 import asyncio
 import concurrent.futures
 import threading
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine
 from typing import Any, TypeVar
 
 _T = TypeVar("_T")
@@ -41,6 +42,20 @@ class BackgroundLoop:
             raise RuntimeError("this VUA object is closed")
         return asyncio.run_coroutine_threadsafe(coro, self._loop)
 
+    def close(self, last: Callable[[], Coroutine[Any, Any, object]]) -> None:
+        """Run ``last()`` (releasing what the loop's work opened), then stop. Quiet and
+        idempotent, so it can run from a finalizer or at interpreter exit."""
+        if self._loop.is_closed():
+            return
+        if threading.current_thread() is self._thread:  # collected on its own loop: cannot wait here
+            self._loop.create_task(last())
+            self._loop.call_soon(self._loop.stop)
+            return
+        try:
+            self.run(last())
+        finally:
+            self.stop()
+
     def stop(self) -> None:
         """Stop the loop and its thread; later calls to :meth:`run` fail clearly."""
         if self._loop.is_closed():
@@ -63,4 +78,15 @@ async def gather_or_cancel(*aws: Coroutine[Any, Any, _T]) -> list[_T]:
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+        raise
+
+
+async def in_thread(fn: Callable[..., _T], *args: Any) -> _T:
+    """``asyncio.to_thread``, except that a cancelled caller still waits for the thread
+    (which cannot be stopped), so the buffers it uses stay valid until it is done."""
+    work = asyncio.ensure_future(asyncio.to_thread(fn, *args))
+    try:
+        return await asyncio.shield(work)
+    except asyncio.CancelledError:
+        await asyncio.wait([work])
         raise

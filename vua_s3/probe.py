@@ -7,7 +7,7 @@ by a k-ary search of at most ``waves`` concurrent waves: each wave probes the ke
 that cut the remaining candidates into equal parts, the first one also the first and
 the last key, so a miss and a full hit (the common answers) take one wave.
 ``waves=1`` is a single wave over every key. More waves, fewer requests: the caller
-chooses (README, "Lookups").
+chooses (``docs/lookups.md``).
 
 A hole (a key missing inside the stored run, e.g. expired) can make the answer too
 long, never too short: the answer is the chain's length or the index of a key that
@@ -19,10 +19,13 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, TypeVar
 
+from .checks import positive_int
+
 K = TypeVar("K")
 
-#: Probes keys in one concurrent wave: per key what is known of it, ``None`` if missing.
-HeadMany = Callable[[Sequence[K]], Awaitable[Sequence[Any | None]]]
+#: Probes many keys in one concurrent wave (HEADs, or a LIST per group of head objects):
+#: per key what is known of it, ``None`` if missing.
+ProbeWave = Callable[[Sequence[K]], Awaitable[Sequence[Any | None]]]
 
 
 def _fanout(candidates: int, waves: int) -> int:
@@ -74,14 +77,13 @@ def _waves_used(length: int, waves: int) -> int:
     return min(costs, key=lambda w: (costs[w], w))
 
 
-async def stored_prefix(keys: Sequence[K], head_many: HeadMany[K], waves: int) -> int:
-    """How many leading ``keys`` exist, in at most ``waves`` calls of ``head_many``.
+async def stored_prefix(keys: Sequence[K], probe: ProbeWave[K], waves: int) -> int:
+    """How many leading ``keys`` exist, in at most ``waves`` calls of ``probe``.
 
-    ``keys`` may be anything ``head_many`` understands, e.g. per group the keys of every
-    head a reader needs, answered by one request each. An error from ``head_many`` propagates.
+    ``keys`` may be anything ``probe`` understands, e.g. per group the keys of every
+    head a reader needs, answered by one request each. An error from ``probe`` propagates.
     """
-    if isinstance(waves, bool) or not isinstance(waves, int) or waves < 1:
-        raise ValueError(f"waves must be a positive integer, got {waves!r}")
+    positive_int("waves", waves)
     lo, hi = 0, len(keys)  # the answer lies in lo..hi; keys[hi] was found missing
     found: set[int] = set()
     left = _waves_used(len(keys), waves)
@@ -89,7 +91,7 @@ async def stored_prefix(keys: Sequence[K], head_many: HeadMany[K], waves: int) -
     while lo < hi:
         probes = _plan(lo, hi, left, first)
         first, left = False, left - 1
-        answers = await head_many([keys[i] for i in probes])
+        answers = await probe([keys[i] for i in probes])
         for i, info in zip(probes, answers, strict=True):
             if info is None:
                 hi = min(hi, i)

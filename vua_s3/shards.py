@@ -91,3 +91,27 @@ def rank_writes(tp_size: int, rank: int, kv_heads: int) -> HeadRange | None:
     if tp_size > kv_heads and rank % (tp_size // kv_heads):
         return None
     return heads
+
+
+class ModelHeads:
+    """The model's KV head count as one cache object learnt it (from a put or a load):
+    what a query for every head (``heads=None``) means once it is known."""
+
+    def __init__(self) -> None:
+        self.total: int | None = None
+
+    def learn(self, total: int | None) -> None:
+        if total is not None:
+            self.total = total
+
+    def resolve(self, heads: HeadRange | None) -> HeadRange | None:
+        """``heads``, or every head of the model once known, else ``None`` (not yet known)."""
+        if heads is None and self.total is not None:
+            return HeadRange.all(self.total)
+        return heads
+
+    def probed(self, heads: HeadRange | None) -> list[int]:
+        """The heads a probe requires of each group, the representative first; the
+        representative alone while the count is unknown (the loads then verify the rest)."""
+        known = self.resolve(heads)
+        return [0] if known is None else [known.representative, *known.rest]

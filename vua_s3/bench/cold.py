@@ -13,7 +13,7 @@ import time
 import torch
 
 from ..config import VUAConfig
-from ..vua import VUA
+from ..sync import VUA
 
 
 def main(argv: list[str]) -> int:

@@ -22,6 +22,8 @@ from collections.abc import Callable, Sequence
 
 import torch
 
+from ..fragment import dtype_name, dtype_of
+
 
 def file_put(root: str, keys: Sequence[str], bodies: Sequence[bytes]) -> None:
     for key, body in zip(keys, bodies, strict=True):
@@ -126,13 +128,10 @@ def _threads(work: Callable[[int, str], None], items: list[tuple[int, str]]) -> 
 def _to_bytes(tensor: torch.Tensor, name: str) -> bytes:
     """Its serializer: a JSON header, then the tensor's bytes via ``numpy().tobytes()``."""
     raw = tensor.contiguous().view(torch.uint8).numpy().tobytes()
-    dtype = {torch.bfloat16: "BF16", torch.float16: "F16", torch.float32: "F32", torch.int64: "I64"}[tensor.dtype]
+    dtype = dtype_name(tensor.dtype)
     meta = json.dumps({name: {"dtype": dtype, "shape": list(tensor.shape), "data_offsets": [0, len(raw)]}}).encode()
     meta += b" " * (-len(meta) % 8)
     return struct.pack("<Q", len(meta)) + meta + tensor.contiguous().view(torch.uint8).numpy().tobytes()
-
-
-_DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32, "I64": torch.int64}
 
 
 def _from_bytes(blob: bytes, name: str) -> torch.Tensor:
@@ -140,4 +139,4 @@ def _from_bytes(blob: bytes, name: str) -> torch.Tensor:
     info = json.loads(blob[8 : 8 + size])[name]
     start, stop = info["data_offsets"]
     payload = blob[8 + size + start : 8 + size + stop]  # a bytes slice: a copy, as in the original
-    return torch.frombuffer(bytearray(payload), dtype=_DTYPES[info["dtype"]]).reshape(info["shape"])
+    return torch.frombuffer(bytearray(payload), dtype=dtype_of(info["dtype"])).reshape(info["shape"])

@@ -30,15 +30,16 @@ from urllib.parse import urlsplit
 import aioboto3
 import torch
 
-from ..config import VUAConfig
+from ..config import DEFAULT_SPLIT_FACTOR, VUAConfig
 from ..fragment import dtype_name
 from ..logsafe import redact_url
 from ..loop import BackgroundLoop, gather_or_cancel
 from ..shapes import ModelShape
 from ..storage.s3 import S3Settings, S3Store
 from ..storage.s3.settings import crt_installed
+from ..sync import VUA
 from ..testing.moto import EMBEDDED_CREDENTIALS
-from ..vua import VUA, ClosestKV
+from ..vua import ClosestKV
 from .baseline import Floor, floor_get, floor_put
 from .clients import CrtClient, TransferClient
 from .posix import OriginalVUA, file_get, file_put
@@ -68,7 +69,7 @@ class _Meter:
 class BenchOptions:
     shape: ModelShape
     tokens: int = 4096
-    split_factor: int = 256
+    split_factor: int = DEFAULT_SPLIT_FACTOR
     batch: int = 1
     repeats: int = 5
     max_inflight: int | None = None
@@ -189,7 +190,7 @@ def run_bench(options: BenchOptions) -> dict[str, Any]:
                 "multipart_threshold": store.settings.multipart_threshold,
                 "checksum": store.settings.checksum,
                 "payload_signing": store.settings.payload_signing,
-                "max_inflight": vua._async._max_inflight,
+                "max_inflight": vua.core.max_inflight,
             },
         }
     )
@@ -235,7 +236,7 @@ def _measure(
     batch, n = tokens.shape
     moved = options.shape.bytes_per_token * n * batch
     rows = list(tokens.unbind(0))
-    forget = vua._async._known.clear  # measure as another process would: nothing known
+    forget = vua.forget_known  # measure as another process would: nothing known
 
     # Sizes and bodies of the floor's objects: the fragments vua_s3 writes.
     vua.put(tokens, kv, salt="sizes")
@@ -427,11 +428,11 @@ def _measure_posix(
                 salt = f"posix-r{rep}"
                 original = OriginalVUA(os.path.join(root, f"original-{rep}"), cfg.split_factor)
                 os.makedirs(os.path.join(root, f"original-{rep}"))
-                vua._async._known.clear()
+                vua.forget_known()
                 timed("posixvua_put", vua.put, tokens, kv, salt=salt)
                 timed("posixfloor_put", file_put, root, floor_keys, whole)
                 timed("original_put", _original_put, original, rows, kv)
-                vua._async._known.clear()
+                vua.forget_known()
                 got = timed("posixvua_get", vua.get_closest, rows, "cpu", salt=salt)
                 checks["posix_get_tokens"] = sum(0 if g is None else g.tokens.numel() for g in got)
                 del got

@@ -39,7 +39,8 @@ from typing import Any
 import torch
 from safetensors.torch import save_file
 
-from ..errors import ServerNotFoundError
+from ..config import DEFAULT_SPLIT_FACTOR
+from ..testing.errors import ServerNotFoundError
 from ..testing.faultproxy import Fault, FaultProxy
 from ..testing.moto import EMBEDDED_CREDENTIALS, EmbeddedS3, free_port
 from ..testing.seaweed import SeaweedS3, seaweed_available
@@ -68,7 +69,7 @@ class ServeBenchOptions:
     concurrency: int = 4
     layers: int = 4
     hidden: int = 512
-    split_factor: int = 256
+    split_factor: int = DEFAULT_SPLIT_FACTOR
     latency_ms: float = 20.0
     repeats: int = 3
     store: str = "auto"

@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 
-from ..config import VUAConfig
+from ..config import DEFAULT_SPLIT_FACTOR, VUAConfig
 from ..logsafe import redact_url
 from ..shapes import PRESETS, ModelShape
 from ..shards import HeadRange, rank_heads, rank_writes
@@ -41,7 +41,7 @@ class TpBenchOptions:
     """Shapes from ``vua_s3.shapes.PRESETS``: 8 KV heads and 2 KV heads by default."""
     writers: tuple[int, ...] = (1, 2, 4, 8)
     readers: tuple[int, ...] = (1, 2, 4, 8)
-    split_factor: int = 256
+    split_factor: int = DEFAULT_SPLIT_FACTOR
     groups: int = 2
     url: str | None = None
     """Where to store (any location); default a temporary directory. The bench deletes what it wrote."""

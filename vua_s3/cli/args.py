@@ -6,6 +6,7 @@ import argparse
 from collections.abc import Callable
 from typing import TypeVar
 
+from .. import checks
 from ..keys import check_namespace
 from ..units import parse_age, parse_size
 
@@ -40,21 +41,26 @@ age = _argument_type(parse_age, "age")
 size = _argument_type(parse_size, "size")
 
 
-def positive_int(text: str) -> int:
+def _integer(text: str) -> int:
     try:
-        value = int(text)
+        return int(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"must be positive, got {value}")
-    return value
+        raise ValueError(f"{text!r} is not an integer") from None
 
 
-def positive_ints(text: str) -> tuple[int, ...]:
+positive_int = _argument_type(lambda text: checks.positive_int("the value", _integer(text)), "positive integer")
+positive_ints = _argument_type(
+    lambda text: tuple(checks.positive_int("every value", _integer(part)) for part in text.split(",")),
+    "comma-separated positive integers",
+)
+
+
+def _minutes(text: str) -> float:
     try:
-        values = tuple(int(part) for part in text.split(","))
+        value = float(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of integers") from None
-    if min(values) <= 0:
-        raise argparse.ArgumentTypeError(f"every value must be positive, got {text!r}")
-    return values
+        raise ValueError(f"{text!r} is not a number of minutes") from None
+    return checks.positive_seconds("the number of minutes", value)
+
+
+minutes = _argument_type(_minutes, "minutes")

@@ -11,7 +11,9 @@ import torch
 
 from ..bench.report import checks_pass, format_report
 from ..bench.run import BenchOptions, run_bench
+from ..config import DEFAULT_SPLIT_FACTOR
 from ..shapes import PRESETS, ModelShape
+from .args import positive_int
 
 _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32, "fp8": torch.float8_e4m3fn}
 
@@ -36,7 +38,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--head-dim", type=int, help="override the preset's head_dim")
     p.add_argument("--dtype", choices=sorted(_DTYPES), help="override the preset's dtype")
     p.add_argument("--tokens", type=int, default=4096, help="prompt length (trimmed to the split factor)")
-    p.add_argument("--split-factor", type=int, default=256)
+    p.add_argument("--split-factor", type=positive_int, default=DEFAULT_SPLIT_FACTOR, help="tokens per stored group")
     p.add_argument("--batch", type=int, default=1, help="sequences per put")
     p.add_argument("--concurrency", type=int, help="S3 requests in flight (the URL's concurrency setting)")
     p.add_argument("--part-size", help="S3 part and range size, e.g. 16MiB")

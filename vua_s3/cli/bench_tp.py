@@ -7,6 +7,7 @@ import json
 from typing import Any
 
 from ..bench.tp import TpBenchOptions, format_tp_report, run_tp_bench
+from ..config import DEFAULT_SPLIT_FACTOR
 from ..shapes import PRESETS
 from .args import LOCATION_HELP, positive_int, positive_ints
 
@@ -19,7 +20,7 @@ def add_parser(sub: Any) -> None:
     )
     p.add_argument("--writers", type=positive_ints, default=(1, 2, 4, 8), help="writer TP sizes, e.g. 1,2,8")
     p.add_argument("--readers", type=positive_ints, default=(1, 2, 4, 8), help="reader TP sizes, e.g. 1,2")
-    p.add_argument("--split-factor", type=positive_int, default=256, help="tokens per group")
+    p.add_argument("--split-factor", type=positive_int, default=DEFAULT_SPLIT_FACTOR, help="tokens per group")
     p.add_argument("--groups", type=positive_int, default=2, help="groups per prompt")
     p.add_argument("--json", action="store_true", help="print the figures as JSON, nothing else")
     p.set_defaults(func=bench_tp)

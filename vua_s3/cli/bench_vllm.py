@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from ..bench.serving import DEFAULT_VLLM_VENV, ServeBenchOptions, format_serve_report, run_serve_bench
+from ..config import DEFAULT_SPLIT_FACTOR
 from .args import positive_int
 
 
@@ -28,7 +29,7 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--concurrency", type=positive_int, default=4, help="clients at once")
     p.add_argument("--layers", type=positive_int, default=4, help="layers of the random Llama")
     p.add_argument("--hidden", type=positive_int, default=512, help="hidden size of the random Llama (64 per head)")
-    p.add_argument("--split-factor", type=positive_int, default=256, help="tokens per stored group")
+    p.add_argument("--split-factor", type=positive_int, default=DEFAULT_SPLIT_FACTOR, help="tokens per stored group")
     p.add_argument("--latency-ms", type=float, default=20.0, help="added to every store request in the slow scenario")
     p.add_argument("--repeats", type=positive_int, default=3, help="runs per scenario, each on new prompts")
     p.add_argument(

@@ -14,11 +14,11 @@ from typing import Any, TypeVar
 import torch
 
 from ..bench.report import describe_machine
-from ..config import VUAConfig
-from ..errors import ServerNotFoundError
+from ..config import DEFAULT_SPLIT_FACTOR, VUAConfig
 from ..shapes import PRESETS
 from ..storage import Store
-from ..vua import VUA
+from ..sync import VUA
+from ..testing.errors import ServerNotFoundError
 from .args import human_size, positive_int
 
 _T = TypeVar("_T")
@@ -29,7 +29,7 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--url", help="store location (default: an embedded S3 server on 127.0.0.1)")
     p.add_argument("--model", choices=sorted(PRESETS), default="llama3-8b", help="KV shape preset")
     p.add_argument("--tokens", type=positive_int, default=2048, help="prompt length (trimmed to the split factor)")
-    p.add_argument("--split-factor", type=positive_int, default=256, help="tokens per stored group")
+    p.add_argument("--split-factor", type=positive_int, default=DEFAULT_SPLIT_FACTOR, help="tokens per stored group")
     p.set_defaults(func=demo)
 
 

@@ -11,9 +11,15 @@ from collections.abc import Sequence
 from ..errors import VUAError
 from . import bench, bench_lookup, bench_tp, bench_vllm, demo, listing, ops
 
+DESCRIPTION = (
+    "vua-s3: a KV-cache store for LLM inference on S3-compatible object storage and POSIX. "
+    "Try the whole path on a demo, see what a store holds, check a bucket, expire old entries "
+    "and measure the data path. Run 'vua-s3 COMMAND --help' for a command's options."
+)
+
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="vua-s3", description=__doc__)
+    parser = argparse.ArgumentParser(prog="vua-s3", description=DESCRIPTION)
     parser.add_argument("-v", "--verbose", action="store_true", help="log vua_s3's debug messages")
     sub = parser.add_subparsers(dest="command", required=True)
     demo.add_parser(sub)

@@ -13,7 +13,7 @@ from ..ops.doctor import FAIL, format_checks
 from ..ops.doctor import doctor as run_doctor
 from ..ops.gc import gc as run_gc
 from ..ops.soak import soak as run_soak
-from .args import LOCATION_HELP, age, human_size, namespace, size
+from .args import LOCATION_HELP, age, human_size, minutes, namespace, size
 
 
 def add_parsers(sub: Any) -> None:
@@ -38,7 +38,7 @@ def add_parsers(sub: Any) -> None:
     p = sub.add_parser(
         "soak", help="run 4 clients, gc and injected faults against a local SeaweedFS, then check every result"
     )
-    p.add_argument("--minutes", type=_minutes, default=15.0, help="how long the clients run")
+    p.add_argument("--minutes", type=minutes, default=15.0, help="how long the clients run")
     p.add_argument("--json", help="also write the report to this file")
     p.set_defaults(func=soak)
 
@@ -96,13 +96,3 @@ def soak(args: argparse.Namespace) -> int:
         with open(args.json, "w") as f:
             json.dump(dataclasses.asdict(report), f, indent=1)
     return 1 if report.problems else 0
-
-
-def _minutes(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number of minutes") from None
-    if not 0 < value < float("inf"):
-        raise argparse.ArgumentTypeError(f"must be a positive number of minutes, got {text}")
-    return value

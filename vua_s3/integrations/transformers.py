@@ -25,10 +25,11 @@ import torch
 from transformers import DynamicCache, PreTrainedModel
 from transformers.cache_utils import DynamicLayer
 
-from ..config import VUAConfig
+from ..config import DEFAULT_SPLIT_FACTOR, VUAConfig
 from ..fragment import KVCache
 from ..keys import namespace_part
-from ..vua import VUA, Location
+from ..storage import Location
+from ..sync import VUA
 
 #: Config fields that shape or change the K/V a model computes, hashed into the namespace.
 _IDENTITY_FIELDS = (
@@ -91,7 +92,7 @@ def vua_for_model(
     model: PreTrainedModel,
     location: Location,
     *,
-    split_factor: int = 256,
+    split_factor: int = DEFAULT_SPLIT_FACTOR,
     namespace: str | None = None,
     **options: Any,
 ) -> VUA:

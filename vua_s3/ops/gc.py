@@ -117,7 +117,8 @@ def _over_cap(fragments: list[ObjectInfo], max_bytes: int, per_namespace: bool) 
     chosen = []
     for pool in pools.values():
         excess = sum(info.size for info in pool) - max_bytes
-        for info in sorted(pool, key=lambda info: info.last_modified):
+        # Ties (coarse file-system clocks) are broken by key, so a run is repeatable.
+        for info in sorted(pool, key=lambda info: (info.last_modified, info.key)):
             if excess <= 0:
                 break
             chosen.append(info)

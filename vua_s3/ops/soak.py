@@ -32,10 +32,10 @@ import torch
 from ..config import VUAConfig
 from ..errors import StoreError
 from ..keys import is_fragment_key
+from ..sync import VUA
 from ..testing.faultproxy import Fault, FaultProxy
 from ..testing.moto import EMBEDDED_CREDENTIALS, EMBEDDED_REGION
 from ..testing.seaweed import SeaweedS3
-from ..vua import VUA
 from .gc import gc
 
 WORKERS = 4

@@ -10,8 +10,11 @@ from ..errors import InvalidLocationError
 from ..logsafe import redact_url
 from .base import Store
 
+#: Where a cache lives: ``s3://bucket/prefix?settings``, ``file:///path``, a plain path, or a store.
+Location = str | os.PathLike[str] | Store
 
-def open_store(location: str | os.PathLike[str] | Store) -> Store:
+
+def open_store(location: Location) -> Store:
     """A store for ``s3://bucket/prefix?settings``, ``file:///path``, a plain path, or a store."""
     if isinstance(location, Store):
         return location

@@ -61,6 +61,8 @@ class Fault:
     query_contains: str | None = None
     header: str | None = None
     """Match only requests carrying this header (lower-case name)."""
+    without_header: str | None = None
+    """Match only requests lacking this header (lower-case name)."""
     times: int | None = None
     """Affect this many matching requests, then let them through; ``None``: all."""
     status: int = 503
@@ -79,6 +81,7 @@ class Fault:
             and (self.path_contains is None or self.path_contains in request.path)
             and (self.query_contains is None or self.query_contains in request.query)
             and (self.header is None or self.header in request.headers)
+            and (self.without_header is None or self.without_header not in request.headers)
         )
 
 

@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Any
 
 import boto3
 
-from ..errors import ServerNotFoundError
+from .errors import ServerNotFoundError
 
 if TYPE_CHECKING:
     from ..storage.s3 import S3Store

@@ -21,7 +21,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from ..errors import ServerNotFoundError
+from .errors import ServerNotFoundError
 from .moto import EMBEDDED_CREDENTIALS, EmbeddedS3, free_port
 
 _STARTUP_TIMEOUT = 60.0

@@ -8,6 +8,8 @@ import json
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from ...checks import positive_int, positive_seconds
+from ...config import DEFAULT_SPLIT_FACTOR
 from ...keys import namespace_part
 
 if TYPE_CHECKING:
@@ -25,7 +27,7 @@ class ConnectorSettings:
     """``kv_connector_extra_config``, checked once at start-up."""
 
     url: str
-    split_factor: int = 256
+    split_factor: int = DEFAULT_SPLIT_FACTOR
     namespace: str | None = None
     model_id: str | None = None
     salt: str | None = None
@@ -52,14 +54,10 @@ class ConnectorSettings:
             )
         settings = cls(**extra)
         for name in ("split_factor", "max_inflight", "max_pending_save_bytes"):
-            value = getattr(settings, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-                raise ValueError(f"{CONNECTOR_NAME}: {name} must be a positive integer, got {value!r}")
+            positive_int(f"{CONNECTOR_NAME}: {name}", getattr(settings, name))
         for name in ("flush_timeout_s", "lookup_timeout_s", "load_timeout_s", "breaker_backoff_s",
                      "breaker_max_backoff_s"):  # fmt: skip
-            value = getattr(settings, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < float("inf"):
-                raise ValueError(f"{CONNECTOR_NAME}: {name} must be a positive number of seconds, got {value!r}")
+            positive_seconds(f"{CONNECTOR_NAME}: {name}", getattr(settings, name))
         if settings.load_failure_policy not in ("recompute", "fail"):
             raise ValueError(f"{CONNECTOR_NAME}: load_failure_policy must be 'recompute' or 'fail'")
         return settings

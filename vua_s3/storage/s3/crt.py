@@ -1,4 +1,4 @@
-"""The awscrt data path (the ``vua_s3[crt]`` extra): object GETs and PUTs through the AWS
+"""The awscrt data path (awscrt is a requirement of vua_s3): object GETs and PUTs through the AWS
 Common Runtime's C S3 client, the one LMCache and s3torchconnector use.
 
 It splits each transfer into parallel ranged parts, sizes its connection pool from a

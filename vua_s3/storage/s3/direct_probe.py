@@ -25,7 +25,7 @@ log = logging.getLogger(__name__)
 class DirectProbe:
     """HEADs and one-page LISTs sent with aiohttp and signed with botocore's SigV4 signer, without botocore's
     per-call pipeline, whose CPU cost per call dominates a wave of HEADs on one loop thread
-    (figures in the README, "Performance").
+    (``docs/lookups.md``).
 
     Only clear answers are taken (a HEAD's 200: present, 404: absent; a LIST's 200 with one
     complete page). Anything else (403, a redirect, a 5xx, a truncated listing, a

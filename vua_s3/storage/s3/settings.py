@@ -17,6 +17,7 @@ from urllib.parse import parse_qsl
 
 from botocore.config import Config
 
+from ...checks import positive_int, positive_seconds
 from ...errors import InvalidLocationError
 from ...units import parse_size
 
@@ -54,17 +55,11 @@ def _parse_choice(*choices: str) -> Callable[[str], str]:
 
 
 def _parse_positive(text: str) -> int:
-    value = int(text)
-    if value <= 0:
-        raise ValueError(f"{value} must be positive")
-    return value
+    return positive_int("the value", int(text))
 
 
 def _parse_seconds(text: str) -> float:
-    value = float(text)
-    if value <= 0:
-        raise ValueError(f"{value} must be a positive number of seconds")
-    return value
+    return positive_seconds("the value", float(text))
 
 
 @dataclass(frozen=True)
@@ -92,8 +87,8 @@ class S3Settings:
     multipart_threshold: int = 128 << 20
     """Objects larger than this are uploaded in parts and read in ranges. Fragments already
     travel in parallel (one request each, ``max_inflight`` at once), so splitting them
-    further only adds requests (the sweep is in the README, "Performance"); 128 MiB keeps
-    llama3-70b's 80 MiB fragments whole too."""
+    further only adds requests (``docs/performance.md``); objects of one KV head of one
+    group stay far below it."""
     max_attempts: int = 5
     """Tries per request, the first included (as AWS_MAX_ATTEMPTS); 1 disables retries."""
     retry_mode: str = "standard"
@@ -107,13 +102,13 @@ class S3Settings:
     from the environment variable ``VUA_S3_SSE_C_KEY``, base64; VAST and AWS)."""
     sse_kms_key_id: str | None = None
     transport: str = "auto"
-    """Data path of object GETs and PUTs: ``crt`` (the AWS Common Runtime's C client,
-    ``pip install 'vua_s3[crt]'``), ``aiobotocore``, or ``auto``: crt when it is installed
-    and the settings allow it (no SSE, no proxy), else aiobotocore."""
+    """Data path of object GETs and PUTs: ``crt`` (the AWS Common Runtime's C client),
+    ``aiobotocore``, or ``auto``: crt when the settings allow it (no SSE, no proxy), else
+    aiobotocore."""
     payload_signing: str = "auto"
     """``auto`` signs request bodies as botocore does (SHA-256 over plain HTTP, and over
     HTTPS unless a checksum header goes along); ``off`` sends UNSIGNED-PAYLOAD, for trusted
-    plain-HTTP networks only (README, "Performance"); ``on`` always signs."""
+    plain-HTTP networks only (``docs/storage.md``); ``on`` always signs."""
 
     @classmethod
     def from_query(cls, query: str) -> S3Settings:
@@ -140,7 +135,7 @@ class S3Settings:
             raise InvalidLocationError("sse_kms_key_id needs sse=sse-kms")
         if settings.transport == "crt":
             if not crt_installed():
-                raise InvalidLocationError("transport=crt needs awscrt: pip install 'vua_s3[crt]'")
+                raise InvalidLocationError("transport=crt needs awscrt, a requirement of vua_s3: reinstall vua_s3")
             if settings.sse != "none":
                 raise InvalidLocationError("transport=crt does not send SSE settings: use transport=aiobotocore")
         return settings
@@ -215,7 +210,7 @@ def sse_c_key() -> bytes:
 
 
 def crt_installed() -> bool:
-    """Whether the optional awscrt package (the ``crt`` extra) can be imported."""
+    """Whether awscrt's S3 client imports (it is a requirement; a broken install lacks it)."""
     try:
         import awscrt.s3  # noqa: F401
     except ImportError:

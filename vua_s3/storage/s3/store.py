@@ -357,7 +357,7 @@ class S3Store(Store):
 
     async def _head_set(self, keys: Sequence[str]) -> list[ObjectInfo | None]:
         """One LIST of the keys' common prefix (every page, until all are found), mapped back
-        to them; a lone key is a HEAD, which S3 bills at a fraction of a LIST (README, "Lookups")."""
+        to them; a lone key is a HEAD, which S3 bills at a fraction of a LIST (``docs/lookups.md``)."""
         if len(keys) < 2:
             return await self.head_many(keys)
         wanted: dict[str, list[int]] = {}

@@ -1,5 +1,4 @@
-"""``doctor``: can this location hold a cache? It tries every request vua_s3 makes, on a
-scratch key under the store's prefix, and says how to fix each failure."""
+"""The S3 doctor: every request vua_s3 makes, in the order a request path depends on them."""
 
 from __future__ import annotations
 
@@ -9,63 +8,22 @@ import ipaddress
 import os
 import uuid
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
 
 import boto3
-import torch
 from botocore.exceptions import BotoCoreError, ClientError, SSLError
 from botocore.exceptions import ConnectionError as BotoConnectionError
 
-from .. import logsafe
-from ..config import VUAConfig
-from ..errors import AccessDeniedError, InvalidLocationError, StoreError
-from ..keys import LAYOUT_VERSION
-from ..storage import Store, open_store
-from ..storage.posix import FILE_MODE, PosixStore
-from ..storage.s3 import S3Store
-from ..storage.s3.errors import CHECKSUM_REFUSALS, DENIED, NO_BUCKET, NOT_FOUND, PRECONDITION_FAILED, error_code
-from ..vua import AsyncVUA
-
-PASS, WARN, FAIL, SKIP = "pass", "warn", "FAIL", "skip"
+from ... import logsafe
+from ...storage.s3 import S3Store
+from ...storage.s3.errors import CHECKSUM_REFUSALS, DENIED, NO_BUCKET, NOT_FOUND, PRECONDITION_FAILED, error_code
+from .common import FAIL, PASS, SKIP, WARN, Check, fragment_round_trip
 
 
-# --- doctor ----------------------------------------------------------------------------------
-
-
-@dataclass
-class Check:
-    """One line of the doctor's table."""
-
-    name: str
-    status: str
-    detail: str
-    fix: str = ""
-
-
-def doctor(location: str) -> list[Check]:
-    """Check that ``location`` can hold a cache; every failure comes with its fix."""
-    try:
-        store = open_store(location)
-    except (InvalidLocationError, ValueError) as exc:
-        return [Check("location", FAIL, str(exc), "correct the URL (see `vua-s3 doctor --help`)")]
-    if isinstance(store, S3Store):
-        return _S3Doctor(store).run()
-    assert isinstance(store, PosixStore)
-    return asyncio.run(_posix_doctor(store))
-
-
-def format_checks(checks: list[Check]) -> str:
-    """The doctor's table: one row per check, then the fixes for what failed."""
-    width = max(len(c.name) for c in checks)
-    lines = [f"{'check':<{width}}  result  detail"]
-    lines += [f"{c.name:<{width}}  {c.status:<6}  {c.detail}" for c in checks]
-    fixes = [c for c in checks if c.fix and c.status in (FAIL, WARN)]
-    if fixes:
-        lines.append("")
-        lines += [f"fix {c.name}: {c.fix}" for c in fixes]
-    return "\n".join(lines)
+def s3_checks(store: S3Store) -> list[Check]:
+    """Check that ``store`` can hold a cache; every failure comes with its fix."""
+    return _S3Doctor(store).run()
 
 
 def _s3_client(store: S3Store, **config: str) -> Any:
@@ -126,7 +84,8 @@ class _S3Doctor:
                 self.checks.append(Check(name, status, detail, fix if status == WARN else ""))
         self._cleanup(client)
         if all(c.status in (PASS, WARN) for c in self.checks if c.name in ("put", "get", "delete")):
-            self.checks.append(asyncio.run(_fragment_round_trip(self.store)))
+            fix = "grant s3:ListBucket on the bucket for the cache prefix: a lookup lists each group's objects"
+            self.checks.append(asyncio.run(fragment_round_trip(self.store, denied_fix=fix)))
         else:
             self.checks.append(Check("fragments", SKIP, "needs put, get and delete"))
         return self.checks
@@ -328,65 +287,3 @@ class _S3Doctor:
         for key in (self.scratch, self.scratch + "-multipart", self.scratch + "-checksum"):
             with contextlib.suppress(ClientError, BotoCoreError):  # the failed check already says why
                 client.delete_object(Bucket=self.bucket, Key=key)
-
-
-async def _fragment_round_trip(store: Store) -> Check:
-    """The cache itself, end to end: one group of a two-head KV cache stored in the current
-    format (one object per KV head), looked up (on S3 a LIST of the group's objects), read
-    back and compared bit for bit, then deleted."""
-    config = VUAConfig(split_factor=16, namespace=f"vua-doctor-{uuid.uuid4().hex[:12]}")
-    tokens = torch.arange(16)
-    kv = [(torch.randn(1, 2, 16, 8), torch.randn(1, 2, 16, 8))]
-    keys = config.tokens_to_paths(tokens, kv_heads=2)
-    vua = AsyncVUA(config, store, strict=True)
-    try:
-        await vua.put(tokens, kv)
-        found = await vua.lookup(tokens)
-        hit = await vua.get_closest(tokens)
-        if found != 16 or hit is None or not all(torch.equal(a, b) for a, b in zip(hit.data[0], kv[0], strict=True)):
-            return Check("fragments", FAIL, "stored objects did not read back intact", "report this as a bug")
-        detail = f"format {LAYOUT_VERSION}: {len(keys)} objects (one per KV head), lookup and round trip"
-        return Check("fragments", PASS, detail)
-    except StoreError as exc:
-        fix = "fix the failures above first"
-        if isinstance(exc, AccessDeniedError) and isinstance(store, S3Store):  # put, get, delete passed
-            fix = "grant s3:ListBucket on the bucket for the cache prefix: a lookup lists each group's objects"
-        return Check("fragments", FAIL, str(exc)[:200], fix)
-    finally:
-        for key in keys:
-            with contextlib.suppress(StoreError):
-                await store.delete(key)
-        if isinstance(store, PosixStore):
-            for key in keys:
-                with contextlib.suppress(OSError):
-                    (store.root / key).parent.rmdir()
-            with contextlib.suppress(OSError):
-                (store.root / config.namespace).rmdir()
-        await vua.close()
-
-
-async def _posix_doctor(store: PosixStore) -> list[Check]:
-    checks = [Check("directory", PASS, str(store.root))]
-    key = f".vua-doctor/{uuid.uuid4().hex}"
-    payload = os.urandom(64 << 10)
-    try:
-        await store.put(key, payload)
-        mode = os.stat(store.root / key).st_mode & 0o777
-        checks.append(Check("put", PASS, f"{len(payload)} bytes, mode {mode:o}"))
-        if mode != FILE_MODE:
-            checks.append(Check("file mode", WARN, f"{mode:o}, expected {FILE_MODE:o}", "check the umask or ACLs"))
-        same = await store.get(key) == payload
-        checks.append(Check("get", PASS if same else FAIL, "content matches" if same else "content differs"))
-        await store.delete(key)
-        checks.append(Check("delete", PASS, "scratch file removed"))
-        checks.append(await _fragment_round_trip(store))
-    except Exception as exc:
-        checks.append(Check("access", FAIL, str(exc), f"let this user create files under {store.root}"))
-    finally:
-        with contextlib.suppress(Exception):
-            await store.delete(key)
-            (store.root / ".vua-doctor").rmdir()
-    usage = os.statvfs(store.root)
-    free = usage.f_bavail * usage.f_frsize
-    checks.append(Check("free space", PASS if free > 1 << 30 else WARN, f"{free / (1 << 30):.1f} GiB", "free space"))
-    return checks

@@ -1,0 +1,163 @@
+"""Group by group: the API integrations with their own bookkeeping use (the vLLM
+connector). They know which groups they hold and want, and where each must land, so
+nothing here assembles a whole prefix."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable, Sequence
+
+import torch
+
+from . import inputs
+from .assembly import Assembly
+from .config import VUAConfig
+from .fragment import Encoder, KVCache
+from .keys import Group, token_ids, whole_groups
+from .loop import gather_or_cancel, in_thread
+from .outage import OutagePolicy
+from .presence import Prober, leading_hits
+from .shards import HeadRange, ModelHeads
+from .transfer import ObjectIO
+
+
+class GroupIO:
+    """Lookups that return object sizes, loads of chosen groups into the caller's memory,
+    and writes of chosen groups without probing; outages handled as by the verbs."""
+
+    def __init__(
+        self, config: VUAConfig, prober: Prober, io: ObjectIO, heads: ModelHeads, policy: OutagePolicy
+    ) -> None:
+        self._config = config
+        self._prober = prober
+        self._io = io
+        self._heads = heads
+        self._policy = policy
+
+    def _chain(self, tokens: torch.Tensor, salt: str | None) -> tuple[torch.Tensor, list[Group]] | None:
+        trimmed = whole_groups(tokens, self._config.split_factor)
+        if trimmed is None:
+            return None
+        ids = token_ids(trimmed, self._config.split_factor)
+        return ids, self._config.chain(ids, inputs.salt(salt))
+
+    async def stored_sizes(
+        self, tokens: torch.Tensor, salt: str | None, first_group: int, heads: HeadRange | None
+    ) -> list[int]:
+        return await self._policy.guarded("lookup", self._stored_sizes(tokens, salt, first_group, heads), [])
+
+    async def _stored_sizes(
+        self, tokens: torch.Tensor, salt: str | None, first_group: int, heads: HeadRange | None
+    ) -> list[int]:
+        found = self._chain(tokens, salt)
+        if found is None:
+            return []
+        groups = found[1][first_group:]
+        probed = self._heads.probed(inputs.heads(heads))
+        # Always asked, as lookup is. The search finds where the stored prefix ends in a few
+        # waves; the sizes of the groups before it come from its own probes where it made
+        # them (remembered), else from one more wave for the hits only.
+        stored = await self._prober.stored_prefix(groups, probed, trust_known=False)
+        infos = await self._prober.wave(groups[:stored], probed, trust_known=True)
+        return [info.size for info in leading_hits(infos)]
+
+    async def load_group(
+        self, tokens: torch.Tensor, number: int, heads: HeadRange, out: torch.Tensor, salt: str | None
+    ) -> bool:
+        return await self._policy.guarded("load_group", self._load_group(tokens, number, heads, out, salt), False)
+
+    async def _load_group(
+        self, tokens: torch.Tensor, number: int, heads: HeadRange, out: torch.Tensor, salt: str | None
+    ) -> bool:
+        size = self._config.split_factor
+        ids = token_ids(tokens, size)
+        groups = self._config.chain(ids, inputs.salt(salt))
+        inputs.heads(heads)
+        if isinstance(number, bool) or not isinstance(number, int) or not 0 <= number < len(groups):
+            raise ValueError(f"number must be a group of the {len(groups)} in tokens, got {number!r}")
+        if not isinstance(out, torch.Tensor) or out.dim() != 5 or list(out.shape[1:4]) != [2, heads.count, size]:
+            shape = list(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+            raise ValueError(f"out must be [layers, 2, {heads.count}, {size}, head_dim], got {shape}")
+        group = groups[number]
+        expected = group.encoded_size(out.size(0), out.size(4), out.dtype, heads)
+        return await self._io.load_group(group, 0, expected, ids, Assembly(1, size, out.device, heads, out))
+
+    async def load_groups(
+        self,
+        tokens: torch.Tensor,
+        first_group: int,
+        place: Callable[[int, torch.Tensor], bool],
+        sizes: Sequence[int] | None,
+        salt: str | None,
+        pinned: bool,
+        heads: HeadRange | None,
+    ) -> int:
+        work = self._load_groups(tokens, first_group, place, sizes, salt, pinned, heads)
+        return await self._policy.guarded("load_groups", work, 0)
+
+    async def _load_groups(
+        self,
+        tokens: torch.Tensor,
+        first_group: int,
+        place: Callable[[int, torch.Tensor], bool],
+        sizes: Sequence[int] | None,
+        salt: str | None,
+        pinned: bool,
+        heads: HeadRange | None,
+    ) -> int:
+        found = self._chain(tokens, salt)
+        if found is None:
+            return 0
+        ids, chain = found
+        groups = chain[first_group:]
+        if sizes is None:
+            probed = self._heads.probed(inputs.heads(heads))
+            sizes = [info.size for info in leading_hits(await self._prober.wave(groups, probed))]
+        # Every group settles: one failure does not cancel the others (groups placed
+        # after an earlier one failed are simply not counted).
+        known = self._heads.resolve(heads)
+        loads = (self._load_into(g, size, ids, place, pinned, known) for g, size in zip(groups, sizes, strict=False))
+        usable = 0
+        for result in await asyncio.gather(*loads, return_exceptions=True):
+            if isinstance(result, BaseException):
+                if not usable:
+                    raise result
+                break
+            if not result:
+                break
+            usable += 1
+        return usable
+
+    async def _load_into(
+        self,
+        group: Group,
+        size: int,
+        ids: torch.Tensor,
+        place: Callable[[int, torch.Tensor], bool],
+        pinned: bool,
+        heads: HeadRange | None,
+    ) -> bool:
+        """Every head of ``group`` into one host buffer, then handed to ``place``."""
+        staging = Assembly(1, self._config.split_factor, torch.device("cpu"), heads, pinned=pinned)
+        if not await self._io.load_group(group, 0, size, ids, staging):
+            return False
+        if heads is None:
+            self._heads.learn(staging.kv_heads)
+        out = staging.output()
+        return out is not None and await in_thread(place, group.number, out)
+
+    async def put_groups(
+        self,
+        ids: torch.Tensor,
+        kvcache: KVCache,
+        groups: Sequence[int],
+        kv_start: int,
+        salt: str | None,
+        heads: HeadRange | None,
+    ) -> None:
+        held = inputs.held_heads(kvcache, heads)
+        self._heads.learn(held.total)
+        chain = self._config.chain(ids, inputs.salt(salt))
+        encoder = Encoder(kvcache, 0, first_head=held.start)
+        writes = (self._io.write_group(encoder, kv_start, ids, chain[number], held) for number in groups)
+        await gather_or_cancel(*writes)
