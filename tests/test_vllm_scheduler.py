@@ -16,8 +16,9 @@ import torch
 
 from vua_s3 import VUA, HeadRange, VUAConfig
 from vua_s3.integrations.vllm.breaker import Breaker
+from vua_s3.integrations.vllm.identity import request_salt
 from vua_s3.integrations.vllm.scheduler import SchedulerSide
-from vua_s3.integrations.vllm.settings import ConnectorSettings, request_salt
+from vua_s3.integrations.vllm.settings import ConnectorSettings
 from vua_s3.integrations.vllm.stats import Recorder
 from vua_s3.loop import BackgroundLoop
 from vua_s3.vua import AsyncVUA

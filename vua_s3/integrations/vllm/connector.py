@@ -35,17 +35,19 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
 from ...config import VUAConfig
 from ...logsafe import redact_url
 from ...loop import BackgroundLoop
+from ...manifest import Manifest, write_manifest
 from ...shards import HeadRange, rank_heads, rank_writes
-from ...storage import open_store
+from ...storage import Store, open_store
 from ...vua import AsyncVUA
 from .affinity import run_here_on, spare_cpus
 from .breaker import Breaker
+from .identity import KVIdentity, check_supported, derive_identity
 from .metrics import VUAS3PromMetrics, VUAS3Stats
 from .paged import CpuCacheWriter, PagedLayer
 from .plan import Plan
 from .problems import Problems
 from .scheduler import SchedulerSide
-from .settings import CONNECTOR_NAME, ConnectorSettings, derive_namespace
+from .settings import CONNECTOR_NAME, ConnectorSettings
 from .stats import Recorder
 from .worker import WorkerSide
 
@@ -93,6 +95,7 @@ class VUAS3Connector(KVConnectorBase_V1):  # type: ignore[misc]
         super().__init__(vllm_config=vllm_config, role=role, kv_cache_config=kv_cache_config)
         transfer = self._kv_transfer_config
         self._settings = ConnectorSettings.from_extra_config(dict(transfer.kv_connector_extra_config or {}))
+        check_supported(vllm_config, kv_cache_config)
         self._block_size: int = vllm_config.cache_config.block_size
         split = self._settings.split_factor
         if split % self._block_size:
@@ -120,13 +123,13 @@ class VUAS3Connector(KVConnectorBase_V1):  # type: ignore[misc]
             # One probe per pipeline stage serves every tensor-parallel rank: its objects do
             # not depend on the TP size, every head of a group has the same size, and one
             # request per group checks every head of the model (all ranks load).
-            probes = [
-                self._open(derive_namespace(vllm_config, self._settings, pp), self._settings.lookup_timeout_s)
-                for pp in range(parallel.pipeline_parallel_size)
-            ]
+            stages = [derive_identity(vllm_config, self._settings, pp) for pp in range(parallel.pipeline_parallel_size)]
+            probes = [self._open(stage, self._settings.lookup_timeout_s) for stage in stages]
             # Opening the store's client (sessions, credentials, first connection) costs a
             # noticeable moment; do it now, not in the first request's lookup.
             self._loop.submit(_warm_up(probes[0]))
+            if transfer.is_kv_producer:
+                self._loop.submit(_write_manifests(self._store, stages))
             self._scheduler = SchedulerSide(
                 self._settings, probes, self._loop, self._breaker, self._stats, self._block_size,
                 heads=HeadRange.all(vllm_config.model_config.get_total_num_kv_heads()),
@@ -137,9 +140,9 @@ class VUAS3Connector(KVConnectorBase_V1):  # type: ignore[misc]
                 CONNECTOR_NAME, self._where, split, [p.config().namespace for p in probes],
             )  # fmt: skip
 
-    def _open(self, namespace: str, timeout: float) -> AsyncVUA:
+    def _open(self, stage: KVIdentity, timeout: float) -> AsyncVUA:
         """An AsyncVUA on the shared store (closed once, by :meth:`shutdown`)."""
-        config = VUAConfig(split_factor=self._settings.split_factor, namespace=namespace)
+        config = VUAConfig(split_factor=self._settings.split_factor, namespace=stage.namespace, identity=stage.identity)
         # strict: the connector reports store failures itself and recovers each request.
         return AsyncVUA(config, self._store, max_inflight=self._settings.max_inflight, strict=True, timeout=timeout)
 
@@ -193,7 +196,7 @@ class VUAS3Connector(KVConnectorBase_V1):  # type: ignore[misc]
 
         config = self._vllm_config
         tp_rank, pp_rank = get_tensor_model_parallel_rank(), get_pp_group().rank_in_group
-        namespace = derive_namespace(config, self._settings, pp_rank)
+        stage = derive_identity(config, self._settings, pp_rank)
         tp_size, kv_heads = config.parallel_config.tensor_parallel_size, config.model_config.get_total_num_kv_heads()
         heads, writes = rank_heads(tp_size, tp_rank, kv_heads), rank_writes(tp_size, tp_rank, kv_heads)
         head_size = config.model_config.get_head_size()
@@ -206,7 +209,7 @@ class VUAS3Connector(KVConnectorBase_V1):  # type: ignore[misc]
             layers.append(PagedLayer(name, kv_caches[name], backend, head_size, isa, _cpu_writer(backend)))
         first = layers[0]
         ratio = kv_caches[first.name].size(0) // self._kv_cache_config.num_blocks
-        vua = self._open(namespace, self._settings.load_timeout_s)
+        vua = self._open(stage, self._settings.load_timeout_s)
         # Called on the compute thread, after vLLM pinned it: the loop (and the client
         # threads it starts from now on) and the copier move to the cores it left free.
         spare = spare_cpus()
@@ -220,7 +223,7 @@ class VUAS3Connector(KVConnectorBase_V1):  # type: ignore[misc]
         log.info(
             "%s: worker on %s, namespace %s, %d layers of %s %s KV (heads %d-%d of %d, writes %s, x %d), "
             "%d kernel blocks per block; its threads on CPUs %s",
-            CONNECTOR_NAME, self._where, namespace, len(layers), first.device, first.dtype,
+            CONNECTOR_NAME, self._where, stage.namespace, len(layers), first.device, first.dtype,
             heads.start, heads.stop - 1, kv_heads, "none" if writes is None else "them", first.head_size, ratio,
             sorted(spare) or "unchanged",
         )  # fmt: skip
@@ -308,6 +311,15 @@ async def _run_on(cpus: frozenset[int]) -> None:
 async def _warm_up(vua: AsyncVUA) -> None:
     with contextlib.suppress(Exception):  # a failing store shows in the first lookup
         await vua.stored_sizes(torch.zeros(vua.config().split_factor, dtype=torch.int64))
+
+
+async def _write_manifests(store: Store, stages: list[KVIdentity]) -> None:
+    """What each namespace's identity covers, for people listing the store (``vua-s3 ls``)."""
+    for stage in stages:
+        try:
+            await write_manifest(store, Manifest(stage.namespace, stage.identity, stage.readable))
+        except Exception as exc:  # the listing is the only thing it costs
+            log.debug("%s: writing the identity manifest of %s failed: %s", CONNECTOR_NAME, stage.namespace, exc)
 
 
 def _cpu_writer(backend: str) -> CpuCacheWriter | None:

@@ -20,8 +20,9 @@ from ...loop import BackgroundLoop, gather_or_cancel
 from ...shards import HeadRange
 from ...vua import AsyncVUA
 from .breaker import Breaker
+from .identity import request_salt
 from .plan import LoadSpec, Plan, SaveSpec
-from .settings import ConnectorSettings, cacheable, request_salt
+from .settings import ConnectorSettings, cacheable
 from .stats import Recorder
 
 if TYPE_CHECKING:
