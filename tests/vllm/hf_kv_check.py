@@ -15,15 +15,16 @@ import json
 import sys
 
 import torch
+from stored import connector_config
 from transformers import LlamaForCausalLM
 
-from vua_s3 import VUA, VUAConfig
+from vua_s3 import VUA
 
 
 def main() -> None:
     model_dir, location, namespace, split, prompt_json = sys.argv[1:6]
     prompt = torch.tensor(json.loads(prompt_json))
-    with VUA(VUAConfig(split_factor=int(split), namespace=namespace), location) as vua:
+    with VUA(connector_config(location, namespace, int(split)), location) as vua:
         stored = vua.get_closest(prompt)
     assert stored is not None, "nothing stored for the prompt"
     length = stored.tokens.numel()

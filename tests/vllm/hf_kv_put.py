@@ -12,15 +12,16 @@ import json
 import sys
 
 import torch
+from stored import connector_config
 from transformers import LlamaForCausalLM
 
-from vua_s3 import VUA, VUAConfig
+from vua_s3 import VUA
 
 
 def main() -> None:
     model_dir, location, namespace, split, prompt_json = sys.argv[1:6]
     prompt = torch.tensor(json.loads(prompt_json))
-    config = VUAConfig(split_factor=int(split), namespace=namespace)
+    config = connector_config(location, namespace, int(split))
     length = prompt.numel() // config.split_factor * config.split_factor
     model = LlamaForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
     with torch.no_grad():

@@ -31,6 +31,7 @@ import torch
 
 from vua_s3 import VUAConfig
 from vua_s3.fragment import decode
+from vua_s3.manifest import is_manifest_key
 from vua_s3.testing.moto import EMBEDDED_CREDENTIALS, EmbeddedS3
 
 pytestmark = pytest.mark.vllm
@@ -72,6 +73,7 @@ def test_connector_stays_off_the_engine_path(vllm_python: Path, tiny_llama: Path
             return {
                 o["Key"][len(prefix) + 1 :]: client.get_object(Bucket=s3.bucket, Key=o["Key"])["Body"].read()
                 for o in listing
+                if not is_manifest_key(o["Key"][len(prefix) + 1 :])
             }
 
         # 1. An offline script that generates and simply ends.

@@ -32,8 +32,10 @@ from typing import Any
 
 import pytest
 import torch
+from stored import connector_config
 
-from vua_s3 import VUA, VUAConfig
+from vua_s3 import VUA
+from vua_s3.manifest import is_manifest_key
 from vua_s3.testing.moto import EMBEDDED_CREDENTIALS, EMBEDDED_REGION, EmbeddedS3, free_port
 
 pytestmark = pytest.mark.vllm
@@ -78,7 +80,7 @@ def backend(request: pytest.FixtureRequest, tmp_path: Path, monkeypatch: pytest.
 
         def keys() -> list[str]:
             listing = client.list_objects_v2(Bucket=bucket, Prefix=prefix).get("Contents", [])
-            return sorted(o["Key"][len(prefix) :] for o in listing)
+            return sorted(o["Key"][len(prefix) :] for o in listing if not is_manifest_key(o["Key"][len(prefix) :]))
 
         yield Backend(
             url=s3.url(prefix.rstrip("/")),
@@ -121,7 +123,7 @@ def test_engines_share_kv_through_the_store(
     assert {k.split("/")[0] for k in keys} == {namespace}
     assert namespace.startswith(f"{tiny_llama.name}.float32.")
     assert ".tp" not in namespace  # one namespace for every tensor-parallel size
-    cfg = VUAConfig(split_factor=SPLIT, namespace=namespace)
+    cfg = connector_config(backend.location, namespace, SPLIT)
     with VUA(cfg, backend.location) as vua:
         stored = vua.get_closest(torch.tensor(prompts[1]))
     assert stored is not None and stored.tokens.tolist() == prompts[1][:STORED]

@@ -20,8 +20,9 @@ from typing import Any
 
 import pytest
 import torch
+from stored import connector_config
 
-from vua_s3 import VUA, VUAConfig
+from vua_s3 import VUA
 
 pytestmark = pytest.mark.vllm
 
@@ -90,7 +91,7 @@ def test_engines_of_any_tp_size_share_one_cache(vllm_python: Path, tiny_llama: P
     assert hits(tp1) == [STORED, STORED]
     assert [o["tokens"] for o in tp1] == [o["tokens"] for o in tp1_ref]
 
-    with VUA(VUAConfig(split_factor=SPLIT, namespace=namespace), str(store_b)) as vua:
+    with VUA(connector_config(str(store_b), namespace, SPLIT), str(store_b)) as vua:
         stored = vua.get_closest(torch.tensor(p2))
     assert stored is not None and stored.tokens.numel() == STORED
     assert [tuple(k.shape) for k, _ in stored.data] == [(1, 2, STORED, 64)] * 2  # both ranks' heads

@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import os
 import re
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -44,7 +45,11 @@ def local_weights(path: Path) -> Weights:
         digest.update(f"{name}\0{info.st_size}\0{info.st_mtime_ns}\0".encode())
         digest.update(_sampled(file, info.st_size))
         total, newest = total + info.st_size, max(newest, info.st_mtime_ns)
-    readable = {"files": len(files), "bytes": total, "newest_mtime": newest // 1_000_000_000}
+    readable = {
+        "files": len(files),
+        "bytes": total,
+        "newest": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(newest / 1e9)),
+    }
     return Weights(digest.hexdigest(), readable)
 
 
