@@ -16,8 +16,9 @@ from typing import Any
 
 import pytest
 
-from vua_s3.integrations.vllm.identity import KVIdentity, check_supported, derive_identity, request_salt
+from vua_s3.integrations.vllm.identity import check_supported, derive_identity, request_salt
 from vua_s3.integrations.vllm.settings import ConnectorSettings
+from vua_s3.manifest import Manifest
 
 SETTINGS = ConnectorSettings(url="/unused")
 HF = {"model_type": "llama", "num_hidden_layers": 2, "rope_parameters": {"rope_theta": 10000.0, "rope_type": "default"},
@@ -78,7 +79,7 @@ def model(tmp_path: Path) -> Path:
     return checkpoint(tmp_path / "tiny-llama")
 
 
-def identity(config: Any, pp_rank: int = 0, settings: ConnectorSettings = SETTINGS) -> KVIdentity:
+def identity(config: Any, pp_rank: int = 0, settings: ConnectorSettings = SETTINGS) -> Manifest:
     return derive_identity(config, settings, pp_rank)
 
 
@@ -158,7 +159,7 @@ def test_pipeline_stages_have_their_own_identity(model: Path, monkeypatch: pytes
 
 
 def test_readable_parts_name_the_deployment(model: Path) -> None:
-    readable = identity(vllm_config(model)).readable
+    readable = identity(vllm_config(model)).inputs
     assert readable["model"] == str(model) and readable["weights"]["files"] == 2
     assert {readable[k] for k in ("dtype", "kv_dtype")} == {"float32"} and readable["pp"] == "0/1"
 
@@ -172,11 +173,11 @@ def test_weights_that_cannot_be_read_need_model_id(model: Path) -> None:
     with pytest.raises(ValueError, match="s3://bucket/llama"):
         identity(config)
     named = identity(config, settings=ConnectorSettings(url="/unused", model_id="llama-3-8b-v2"))
-    assert named.readable["weights"] == {"model_id": "llama-3-8b-v2"}
+    assert named.inputs["weights"] == {"model_id": "llama-3-8b-v2"}
     config.model_config.model_weights = ""
     config.model_config.revision = "a" * 40  # a pinned hub commit names its weights
     config.model_config.model = "org/not-in-any-cache"
-    assert identity(config).readable["weights"] == {"commit": "a" * 40}
+    assert identity(config).inputs["weights"] == {"commit": "a" * 40}
 
 
 def spec(name: str, layers: list[str]) -> Any:

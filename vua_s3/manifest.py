@@ -26,6 +26,8 @@ MAX_MANIFEST_BYTES = 64 * 1024
 
 @dataclass(frozen=True)
 class Manifest:
+    """A namespace, the identity its objects carry, and the readable inputs the identity covers."""
+
     namespace: str
     identity: str
     inputs: dict[str, Any]

@@ -56,7 +56,7 @@ def main() -> None:
             ranks = range(config.parallel_config.pipeline_parallel_size)
             stages = [derive_identity(config, settings, rank) for rank in ranks]
             report[name] = {"namespaces": [s.namespace for s in stages], "identities": [s.identity for s in stages],
-                            "readable": stages[0].readable}  # fmt: skip
+                            "readable": stages[0].inputs}  # fmt: skip
         except Exception as exc:  # the test reads which variants were refused, and why
             report[name] = {"error": f"{type(exc).__name__}: {exc}"}
     out.write_text(json.dumps(report, indent=1))

@@ -3,8 +3,8 @@
 ``cached_prefill(model, input_ids, vua)`` loads the longest stored prefix of the prompt
 into a ``DynamicCache``, runs the model on the remaining tokens only, stores the
 prompt's new full groups and returns the output with the cache, ready for generation.
-``vua_for_model`` opens a cache whose namespace is derived from the model, so models
-sharing a bucket never read each other's KV.
+``vua_for_model`` opens a cache whose namespace and identity are derived from the model
+(:func:`model_identity`), so models sharing a bucket never read each other's KV.
 
 Works with decoder-only models whose cache is one full-attention ``DynamicLayer`` per
 layer (Llama, Qwen2, Mistral without sliding window, ...), on transformers 4.57 to 5.x.
@@ -16,7 +16,8 @@ from __future__ import annotations
 
 import hashlib
 import inspect
-import json
+import logging
+import os
 import time
 from dataclasses import dataclass, field
 from typing import Any, cast
@@ -28,30 +29,17 @@ from transformers.cache_utils import DynamicLayer
 from ..config import DEFAULT_SPLIT_FACTOR, VUAConfig
 from ..fragment import KVCache
 from ..keys import namespace_part
-from ..storage import Location
+from ..loop import BackgroundLoop
+from ..manifest import Manifest, write_manifest
+from ..storage import Location, Store, open_store
 from ..sync import VUA
+from .digest import canonical, config_dict
+from .weights import weights_of
 
-#: Config fields that shape or change the K/V a model computes, hashed into the namespace.
-_IDENTITY_FIELDS = (
-    "model_type",
-    "hidden_size",
-    "intermediate_size",
-    "num_hidden_layers",
-    "num_attention_heads",
-    "num_key_value_heads",
-    "head_dim",
-    "vocab_size",
-    "hidden_act",
-    "attention_bias",
-    "rms_norm_eps",
-    "layer_norm_eps",
-    "max_position_embeddings",
-    "rope_theta",
-    "rope_scaling",
-    "rope_parameters",
-    "partial_rotary_factor",
-    "sliding_window",
-)
+log = logging.getLogger(__name__)
+#: Version of how a DynamicCache maps to fragments: per layer [1, kv_heads, n, head_dim] (format 2).
+_LAYOUT_TAG = "hf-dynamic1"
+
 #: Leading elements of each parameter hashed into the namespace: enough to tell fine-tunes apart, cheap to read.
 _FINGERPRINT_ELEMENTS = 64
 
@@ -64,28 +52,47 @@ def kv_layout(config: Any) -> tuple[int, int, int]:
     return int(text.num_hidden_layers), int(heads), int(head_dim)
 
 
-def model_namespace(model: PreTrainedModel) -> str:
-    """A namespace naming this model's KV: architecture, KV shape, dtype and a fingerprint.
+def model_identity(model: PreTrainedModel) -> Manifest:
+    """The namespace, identity and readable inputs of this model's KV, derived as the vLLM
+    connector derives its own: everything that changes the K/V bytes for the same token ids.
 
-    The fingerprint hashes the config fields that change K/V and the leading elements of
-    every parameter, so two checkpoints of one architecture (a base model and its
-    fine-tune) get different namespaces, while the same weights loaded anywhere agree.
+    Covered: the whole config (``to_dict()``, less where it was read from and the attention
+    implementation), the dtype, the weights' identity when the model came from a path (its
+    files: names, sizes, times, sampled content) or the hub (the commit), and a fingerprint of
+    the loaded values (the leading elements of every parameter), so weights changed in memory,
+    or a model built from a config, count too. A readable prefix names the architecture and
+    KV shape; the full digest is the objects' identity (checked on read).
     """
     layers, heads, head_dim = kv_layout(model.config)
-    digest = hashlib.sha256()
-    text = _text_config(model.config)
-    identity = {name: getattr(text, name, None) for name in _IDENTITY_FIELDS}
-    digest.update(json.dumps(identity, sort_keys=True, default=str).encode())
+    dtype = str(model.dtype).removeprefix("torch.")
+    source = str(getattr(model.config, "_name_or_path", "") or "")
+    commit = getattr(model.config, "_commit_hash", None)
+    weights = None
+    if source:
+        found = weights_of(source, commit)
+        weights = (found.digest, found.readable) if found is not None else None
+    inputs = {"layout": _LAYOUT_TAG, "config": config_dict(model.config), "dtype": dtype, "weights": weights}
+    digest = hashlib.sha256(canonical(inputs))
     for name, param in model.named_parameters():
         if param.device.type == "meta":
             continue
         head = param.detach().reshape(-1)[:_FINGERPRINT_ELEMENTS].to("cpu").contiguous()
         digest.update(name.encode() + b"\0" + str(head.dtype).encode() + b"\0")
         digest.update(head.view(torch.uint8).numpy().tobytes())
+    hexdigest = digest.hexdigest()
     architectures = getattr(model.config, "architectures", None) or [type(model).__name__]
     arch = namespace_part(str(architectures[0]), "_")[:48]
-    dtype = str(model.dtype).removeprefix("torch.")
-    return f"{arch}-L{layers}-kv{heads}-d{head_dim}-{dtype}-{digest.hexdigest()[:16]}"
+    namespace = f"{arch}-L{layers}-kv{heads}-d{head_dim}-{dtype}-{hexdigest[:16]}"
+    readable = {"integration": "transformers", "layout": _LAYOUT_TAG, "model": source or arch,
+                "weights": weights[1] if weights else "in memory only", "dtype": dtype, "layers": layers,
+                "kv_heads": heads, "head_size": head_dim,
+                "config_sha256": hashlib.sha256(canonical(inputs["config"])).hexdigest()[:16]}  # fmt: skip
+    return Manifest(namespace, f"{_LAYOUT_TAG}:sha256:{hexdigest}", readable)
+
+
+def model_namespace(model: PreTrainedModel) -> str:
+    """The namespace of :func:`model_identity`."""
+    return model_identity(model).namespace
 
 
 def vua_for_model(
@@ -96,9 +103,34 @@ def vua_for_model(
     namespace: str | None = None,
     **options: Any,
 ) -> VUA:
-    """A :class:`VUA` for ``model``'s KV at ``location``; the namespace defaults to :func:`model_namespace`."""
-    config = VUAConfig(split_factor=split_factor, namespace=namespace or model_namespace(model))
-    return VUA(config, location, **options)
+    """A :class:`VUA` for ``model``'s KV at ``location``, the default way to open one: the
+    namespace (unless given) and the identity checked on every read are :func:`model_identity`'s,
+    so another model never reads this one's KV, even under the same hand-typed ``namespace``.
+    At a path or URL, the namespace's identity manifest is written too (``vua-s3 ls`` shows it)."""
+    derived = model_identity(model)
+    manifest = Manifest(namespace or derived.namespace, derived.identity, derived.inputs)
+    vua = VUA(VUAConfig(split_factor=split_factor, namespace=manifest.namespace, identity=manifest.identity), location,
+              **options)  # fmt: skip
+    if not isinstance(location, Store):  # a Store belongs to the VUA's loop from now on
+        _write_manifest(location, manifest)
+    return vua
+
+
+def _write_manifest(location: str | os.PathLike[str], manifest: Manifest) -> None:
+    async def write() -> None:
+        store = open_store(location)
+        try:
+            await write_manifest(store, manifest)
+        finally:
+            await store.close()
+
+    loop = BackgroundLoop(name="vua-s3-manifest")
+    try:
+        loop.run(write())
+    except Exception as exc:  # the listing is all it costs
+        log.debug("writing the identity manifest of %s failed: %s", manifest.namespace, exc)
+    finally:
+        loop.stop()
 
 
 def kv_from_cache(cache: DynamicCache, length: int | None = None) -> list[tuple[torch.Tensor, torch.Tensor]]:

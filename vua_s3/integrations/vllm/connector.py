@@ -41,7 +41,7 @@ from ...storage import Store, open_store
 from ...vua import AsyncVUA
 from .affinity import run_here_on, spare_cpus
 from .breaker import Breaker
-from .identity import KVIdentity, check_supported, derive_identity
+from .identity import check_supported, derive_identity
 from .metrics import VUAS3PromMetrics, VUAS3Stats
 from .paged import CpuCacheWriter, PagedLayer
 from .plan import Plan
@@ -140,7 +140,7 @@ class VUAS3Connector(KVConnectorBase_V1):  # type: ignore[misc]
                 CONNECTOR_NAME, self._where, split, [p.config().namespace for p in probes],
             )  # fmt: skip
 
-    def _open(self, stage: KVIdentity, timeout: float) -> AsyncVUA:
+    def _open(self, stage: Manifest, timeout: float) -> AsyncVUA:
         """An AsyncVUA on the shared store (closed once, by :meth:`shutdown`)."""
         config = VUAConfig(split_factor=self._settings.split_factor, namespace=stage.namespace, identity=stage.identity)
         # strict: the connector reports store failures itself and recovers each request.
@@ -313,11 +313,11 @@ async def _warm_up(vua: AsyncVUA) -> None:
         await vua.stored_sizes(torch.zeros(vua.config().split_factor, dtype=torch.int64))
 
 
-async def _write_manifests(store: Store, stages: list[KVIdentity]) -> None:
+async def _write_manifests(store: Store, stages: list[Manifest]) -> None:
     """What each namespace's identity covers, for people listing the store (``vua-s3 ls``)."""
     for stage in stages:
         try:
-            await write_manifest(store, Manifest(stage.namespace, stage.identity, stage.readable))
+            await write_manifest(store, stage)
         except Exception as exc:  # the listing is the only thing it costs
             log.debug("%s: writing the identity manifest of %s failed: %s", CONNECTOR_NAME, stage.namespace, exc)
 

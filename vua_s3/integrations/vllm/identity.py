@@ -10,16 +10,15 @@ read); a readable prefix and a short digest make the namespace.
 
 from __future__ import annotations
 
-import dataclasses
-import enum
 import hashlib
 import json
 import os
 import uuid
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from ...keys import namespace_part
+from ...manifest import Manifest
+from ..digest import canonical, config_dict
 from ..weights import weights_of
 from .settings import CONNECTOR_NAME, ConnectorSettings
 
@@ -31,8 +30,6 @@ if TYPE_CHECKING:
 #: Version of how vLLM's paged KV maps to fragments. 2: one object per (group, KV head),
 #: shared by every tensor-parallel size.
 LAYOUT_TAG = "vllm-kv2"
-#: HF config entries that name where or by which library version a config was read, not what it says.
-_NOT_CONFIG = frozenset({"_name_or_path", "_commit_hash", "transformers_version", "_attn_implementation_autoset"})
 #: Weight loaders that read from somewhere the connector cannot see (object storage, a tensorizer URI).
 _REMOTE_LOADERS = frozenset({"runai_streamer", "runai_streamer_sharded", "tensorizer"})
 #: The only paged cache the connector maps: one full-attention K/V cache per layer.
@@ -41,18 +38,9 @@ _SUPPORTED_SPEC = "FullAttentionSpec"
 _UNSHARED = uuid.uuid4().hex
 
 
-@dataclass(frozen=True)
-class KVIdentity:
-    """A stage's namespace, the identity written into and checked on each object, and the
-    readable inputs (for the namespace's manifest, which ``vua-s3 ls`` shows)."""
-
-    namespace: str
-    identity: str
-    readable: dict[str, Any]
-
-
-def derive_identity(vllm_config: VllmConfig, settings: ConnectorSettings, pp_rank: int) -> KVIdentity:
-    """The identity of pipeline stage ``pp_rank``'s fragments (see the module docstring)."""
+def derive_identity(vllm_config: VllmConfig, settings: ConnectorSettings, pp_rank: int) -> Manifest:
+    """Pipeline stage ``pp_rank``'s namespace, the identity written into and checked on each of
+    its objects, and the readable inputs (its manifest, which ``vua-s3 ls`` shows)."""
     model_config = vllm_config.model_config
     cache_config = vllm_config.cache_config
     parallel = vllm_config.parallel_config
@@ -77,7 +65,7 @@ def derive_identity(vllm_config: VllmConfig, settings: ConnectorSettings, pp_ran
         "draft": _draft_inputs(vllm_config, settings),
         "additional_config": vllm_config.additional_config or None,
     }
-    digest = hashlib.sha256(_canonical(inputs)).hexdigest()
+    digest = hashlib.sha256(canonical(inputs)).hexdigest()
     model = settings.model_id or model_config.model
     base = settings.namespace or namespace_part(model.rstrip("/").rsplit("/", 1)[-1]).strip("-.")
     tag = kv_dtype + (f".pp{pp_size}r{pp_rank}" if pp_size > 1 else "")
@@ -97,9 +85,9 @@ def derive_identity(vllm_config: VllmConfig, settings: ConnectorSettings, pp_ran
         "pp": f"{pp_rank}/{pp_size}",
         "hf_overrides": _overrides(model_config.hf_overrides),
         "draft": (inputs["draft"] or {}).get("method"),
-        "config_sha256": hashlib.sha256(_canonical(inputs["model"]["config"])).hexdigest()[:16],
+        "config_sha256": hashlib.sha256(canonical(inputs["model"]["config"])).hexdigest()[:16],
     }
-    return KVIdentity(namespace, f"{LAYOUT_TAG}:sha256:{digest}", {k: v for k, v in readable.items() if v is not None})
+    return Manifest(namespace, f"{LAYOUT_TAG}:sha256:{digest}", {k: v for k, v in readable.items() if v is not None})
 
 
 def request_salt(settings: ConnectorSettings, request: Request) -> str | None:
@@ -149,10 +137,10 @@ def _model_inputs(model_config: ModelConfig) -> dict[str, Any]:
     """The model as vLLM resolved it: its whole HF config (overrides applied) and the settings
     that change what it computes."""
     text = model_config.hf_text_config
-    config = _config_dict(model_config.hf_config)
+    config = config_dict(model_config.hf_config)
     return {
         "config": config,
-        "text_config": None if text is model_config.hf_config else _config_dict(text),
+        "text_config": None if text is model_config.hf_config else config_dict(text),
         "hf_overrides": _overrides(model_config.hf_overrides),
         "dtype": _dtype(model_config.dtype),
         "quantization": model_config.quantization,
@@ -204,18 +192,6 @@ def _adapter(lora: Any) -> list[Any]:
     return [path, found.digest if found is not None else _UNSHARED]
 
 
-def _config_dict(config: Any) -> Any:
-    return _without(config.to_dict())
-
-
-def _without(value: Any) -> Any:
-    if isinstance(value, dict):
-        return {k: _without(v) for k, v in value.items() if k not in _NOT_CONFIG}
-    if isinstance(value, (list, tuple)):
-        return [_without(v) for v in value]
-    return value
-
-
 def _overrides(overrides: Any) -> Any:
     """Dict overrides as given; a callable's effect is already in the resolved config, its name is kept."""
     if callable(overrides):
@@ -225,25 +201,3 @@ def _overrides(overrides: Any) -> Any:
 
 def _dtype(dtype: Any) -> str:
     return str(dtype).removeprefix("torch.")
-
-
-def _canonical(value: Any) -> bytes:
-    return json.dumps(value, sort_keys=True, default=_plain, separators=(",", ":")).encode()
-
-
-def _plain(value: Any) -> Any:
-    """JSON for what vLLM's configs hold besides JSON: the same in every process (the scheduler
-    and the workers derive the identity apart), so never a repr with an address."""
-    if dataclasses.is_dataclass(value) and not isinstance(value, type):
-        return dataclasses.asdict(value)
-    for method in ("model_dump", "to_dict"):
-        if callable(getattr(value, method, None)):
-            return getattr(value, method)()
-    if isinstance(value, enum.Enum):
-        return value.value
-    if isinstance(value, (set, frozenset)):
-        return sorted(_canonical(v).decode() for v in value)
-    text = str(value)
-    if " at 0x" in text:
-        raise TypeError(f"{CONNECTOR_NAME}: a {type(value).__name__} in vLLM's config has no stable form to hash")
-    return text
