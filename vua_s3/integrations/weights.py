@@ -22,6 +22,10 @@ from typing import Any
 SAMPLE_BYTES = 64 * 1024
 SAMPLES = 16
 _COMMIT_RE = re.compile(r"^[0-9a-f]{40}$")
+#: Identities of directories whose files were unchanged (status and all) since they were sampled.
+_KNOWN: dict[tuple[Path, tuple[tuple[str, int, int, int, int, int], ...]], Weights] = {}
+_KNOWN_MAX = 256
+_SETTLED_NS = 2_000_000_000
 
 
 @dataclass(frozen=True)
@@ -35,19 +39,37 @@ class Weights:
 def local_weights(path: Path) -> Weights:
     """Every non-hidden file under ``path`` (or ``path`` itself, a single-file checkpoint such as
     a GGUF): relative name, size, modification time and sampled content. Directory links are not
-    followed (no loops); file links are (a Hugging Face snapshot is links to its blobs)."""
-    digest = hashlib.sha256(b"vua-s3 files/1\0")
+    followed (no loops); file links are (a Hugging Face snapshot is links to its blobs).
+
+    The samples are read again only when a file's status changed: its change time (``ctime``,
+    which no tool can set back, unlike ``mtime``), inode, size or modification time."""
     files = [path] if path.is_file() else sorted(_files(path))
-    total, newest = 0, 0
+    stats = []
     for file in files:
         info = file.stat()
         name = file.name if file == path else file.relative_to(path).as_posix()
-        digest.update(f"{name}\0{info.st_size}\0{info.st_mtime_ns}\0".encode())
-        digest.update(_sampled(file, info.st_size))
-        total, newest = total + info.st_size, max(newest, info.st_mtime_ns)
+        stats.append((name, info.st_size, info.st_mtime_ns, info.st_ctime_ns, info.st_ino, info.st_dev))
+    key = (path, tuple(stats))
+    if (known := _KNOWN.get(key)) is not None:
+        return known
+    weights = _sampled_weights(path, key[1])
+    # A file changed within a clock tick of its last change may keep its ctime: remember only settled ones.
+    if all(s[3] < time.time_ns() - _SETTLED_NS for s in stats):
+        if len(_KNOWN) >= _KNOWN_MAX:
+            _KNOWN.clear()
+        _KNOWN[key] = weights
+    return weights
+
+
+def _sampled_weights(path: Path, stats: tuple[tuple[str, int, int, int, int, int], ...]) -> Weights:
+    digest = hashlib.sha256(b"vua-s3 files/1\0")
+    for name, size, mtime_ns, *_ in stats:  # the change time and inode are this host's: not hashed
+        digest.update(f"{name}\0{size}\0{mtime_ns}\0".encode())
+        digest.update(_sampled(path if name == path.name and path.is_file() else path / name, size))
+    newest = max((s[2] for s in stats), default=0)
     readable = {
-        "files": len(files),
-        "bytes": total,
+        "files": len(stats),
+        "bytes": sum(s[1] for s in stats),
         "newest": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(newest / 1e9)),
     }
     return Weights(digest.hexdigest(), readable)

@@ -47,7 +47,7 @@ def derive_identity(vllm_config: VllmConfig, settings: ConnectorSettings, pp_ran
     pp_size = parallel.pipeline_parallel_size
     dtype = _dtype(model_config.dtype)
     kv_dtype = dtype if cache_config.cache_dtype == "auto" else str(cache_config.cache_dtype)
-    weights = _weights(model_config, vllm_config.load_config.load_format, settings)
+    weights, weights_readable = _weights(model_config, vllm_config.load_config.load_format, settings)
     inputs = {
         "layout": LAYOUT_TAG,
         "model": _model_inputs(model_config),
@@ -74,7 +74,7 @@ def derive_identity(vllm_config: VllmConfig, settings: ConnectorSettings, pp_ran
         "integration": "vllm",
         "layout": LAYOUT_TAG,
         "model": model,
-        "weights": weights[1],
+        "weights": weights_readable,
         "dtype": dtype,
         "kv_dtype": kv_dtype,
         "quantization": model_config.quantization,
