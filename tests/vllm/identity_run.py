@@ -7,8 +7,9 @@ whatever it reuses came from the store); phases share the process to save vLLM's
     python identity_run.py MODEL_DIR URL SPEC_JSON OUT_JSON
 
 SPEC: ``{"prompts": [[ids]], "lora_prompts": [[ids]], "lora": {"name", "id", "path"} or null,
-"hf_overrides": {...} or null, "phases": [{"name": str, "connector": bool}]}``. Writes
-``{phase: [{"tokens", "num_cached_tokens", "hit_tokens"}, ...]}``, the LoRA prompts' after the others'.
+"hf_overrides": {...} or null, "phases": [{"name": str, "connector": bool, "load_format"?: str}]}``.
+Writes ``{phase: [{"tokens", "num_cached_tokens", "hit_tokens"}, ...]}``, the LoRA prompts' after
+the others', or ``{phase: {"error": message}}`` for an engine that refused to start.
 """
 
 from __future__ import annotations
@@ -43,11 +44,17 @@ def main() -> None:
         options: dict[str, Any] = {"enable_lora": True, "max_lora_rank": 8, "max_loras": 1} if lora else {}
         if spec.get("hf_overrides"):
             options["hf_overrides"] = spec["hf_overrides"]
-        llm = LLM(
-            model=model, skip_tokenizer_init=True, dtype="float32", block_size=32, max_model_len=1024,
-            enforce_eager=True, enable_prefix_caching=False, kv_cache_memory_bytes=64 << 20, seed=0,
-            kv_transfer_config=transfer, **options,
-        )  # fmt: skip
+        if "load_format" in phase:
+            options["load_format"] = phase["load_format"]
+        try:
+            llm = LLM(
+                model=model, skip_tokenizer_init=True, dtype="float32", block_size=32, max_model_len=1024,
+                enforce_eager=True, enable_prefix_caching=False, kv_cache_memory_bytes=64 << 20, seed=0,
+                kv_transfer_config=transfer, **options,
+            )  # fmt: skip
+        except Exception as exc:  # the test reads why it refused
+            report[phase["name"]] = {"error": f"{type(exc).__name__}: {exc}"}
+            continue
         results = llm.generate([TokensPrompt(prompt_token_ids=p) for p in spec["prompts"]], params, use_tqdm=False)
         if lora:
             adapter = LoRARequest(lora["name"], lora["id"], lora["path"])

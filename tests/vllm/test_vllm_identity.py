@@ -4,7 +4,8 @@ changes where the connector looks, so an engine never loads KV another model com
 ``test_identity_of_resolved_configs``: vLLM's own resolved configurations (no engine): the
 tensor-parallel size, block size and attention backend leave the namespace as it is; dtype, KV
 dtype, ``hf_overrides``, ``max_model_len`` and the pipeline stage change it; decode context
-parallelism and dummy weights are refused, naming the setting.
+parallelism and dummy weights are refused, naming the setting, and an engine with dummy weights
+does not start.
 
 ``test_a_changed_model_reuses_nothing``: one checkpoint in a local directory and one store. An
 engine stores prompts (two plain, one with a LoRA adapter) and a restart reuses them whole. Then,
@@ -64,6 +65,15 @@ def test_identity_of_resolved_configs(vllm_python: Path, tiny_llama: Path, tmp_p
     assert "decode_context_parallel_size=2 (--decode-context-parallel-size)" in report["dcp2"]["error"]
     assert "load_format=dummy" in report["dummy"]["error"]
     assert report["base"]["readable"]["weights"]["files"] == 2
+
+    # A real engine refuses at start-up, naming the setting.
+    spec = tmp_path / "spec.json"
+    spec.write_text(
+        json.dumps({"prompts": [], "phases": [{"name": "dummy", "connector": True, "load_format": "dummy"}]})
+    )
+    run(vllm_python, "identity_run.py", str(tiny_llama), str(tmp_path / "store"), str(spec), str(out))
+    error = json.loads(out.read_text())["dummy"]["error"]
+    assert "VUAS3Connector cannot store this engine's KV correctly: load_format=dummy" in error, error
 
 
 class Store:
