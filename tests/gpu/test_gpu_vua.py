@@ -13,10 +13,11 @@ import shutil
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 import torch
-from gpu_cases import CUDA, NO_CUDA, SIZES, on, posix_dir, same_bits, synchronize
+from gpu_cases import CUDA, DEVICES, NO_CUDA, SIZES, on, posix_dir, same_bits, synchronize
 
 from vua_s3 import VUA, VUAConfig
 
@@ -107,3 +108,37 @@ def _compare(got: list[tuple[torch.Tensor, torch.Tensor]], want: list[tuple[torc
     return [
         same_bits(g, w) for got_kv, want_kv in zip(got, want, strict=True) for g, w in zip(got_kv, want_kv, strict=True)
     ]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_a_prefix_cut_short_by_an_unusable_object_is_bit_exact_at_once(
+    device: str, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    """A damaged object in the last group ends the prefix before it: the result is cut to the
+    groups before (a copy of the output, on the device), and must be complete at once too."""
+    size, groups = SIZES[device], 4
+    root = posix_dir(tmp_path_factory)
+    cfg = VUAConfig(split_factor=size.split_factor, namespace="gpu-cut")
+    n = groups * size.split_factor
+    generator = torch.Generator(device).manual_seed(13)
+    shape = (1, size.kv_heads, n, size.head_dim)
+    key, value = (torch.randn(shape, generator=generator, device=device).to(torch.bfloat16) for _ in range(2))
+    kv = [(key, value)] * size.layers  # every layer alike: the cut, not the content, is under test
+    tokens = torch.randint(0, 128_000, (n,), generator=torch.Generator().manual_seed(14))
+    try:
+        with VUA(cfg, root) as vua:
+            vua.put(tokens, kv)
+        damaged = Path(root) / cfg.tokens_to_paths(tokens, kv_heads=size.kv_heads)[-1]  # last group, last head
+        data = bytearray(damaged.read_bytes())
+        data[-1] ^= 0xFF
+        damaged.write_bytes(bytes(data))
+        kept = (groups - 1) * size.split_factor
+        with VUA(cfg, root) as vua:
+            hit = vua.get_closest(tokens, device=device)
+            assert hit is not None and hit.tokens.numel() == kept
+            want = [(k[:, :, :kept], v[:, :, :kept]) for k, v in kv]
+            with torch.cuda.stream(torch.cuda.Stream()) if device == "cuda" else contextlib.nullcontext():
+                at_once = _compare(hit.data, want)
+        assert at_once == [True] * 2 * size.layers
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
