@@ -18,8 +18,8 @@ POSIX_FLOORS = {"read", "h2d", "read_h2d", "d2h", "write", "d2h_write"}
 S3_FLOORS = {"get", "h2d", "get_h2d", "d2h", "put", "d2h_put"}
 
 
-def test_bench_gpu_reports_every_figure_beside_its_floors(capsys: pytest.CaptureFixture[str]) -> None:
-    assert main(["bench-gpu", *TINY, "--json"]) == 0
+def test_bench_gpu_reports_every_figure_beside_its_floors(tmp_path, capsys: pytest.CaptureFixture[str]) -> None:  # type: ignore[no-untyped-def]
+    assert main(["bench-gpu", *TINY, "--posix-dir", str(tmp_path), "--json"]) == 0
     captured = capsys.readouterr()
     report = json.loads(captured.out)
 
@@ -42,7 +42,8 @@ def test_bench_gpu_reports_every_figure_beside_its_floors(capsys: pytest.Capture
 
 def test_bench_gpu_table_and_json_file(tmp_path, capsys: pytest.CaptureFixture[str]) -> None:  # type: ignore[no-untyped-def]
     out = tmp_path / "bench.json"
-    assert main(["bench-gpu", *TINY[:2], "--tokens", "256", "--repeats", "1", "--no-s3", "--out", str(out)]) == 0
+    argv = ["bench-gpu", *TINY[:2], "--tokens", "256", "--repeats", "1", "--no-s3", "--posix-dir", str(tmp_path)]
+    assert main([*argv, "--out", str(out)]) == 0
     table = capsys.readouterr().out
     assert "floor read_h2d" in table and "vua_s3 get" in table and "s3 (" not in table
     assert json.loads(out.read_text())["s3"] is None
