@@ -28,7 +28,7 @@ git ls-files -z --cached --others --exclude-standard | tar --null --ignore-faile
 } > "$dir/SOURCE"
 total=$(cat "$dir"/*.whl | wc -c)
 ls -1 "$dir"
-echo "$(find "$dir" -name '*.whl' | wc -l) wheels, $((total / 1024)) KiB ($(awk "BEGIN{printf \"%.1f\", $total/1048576}") MiB) in $dir"
+echo "$(find "$dir" -type f -name '*.whl' | wc -l) wheels, $((total / 1024)) KiB ($(awk "BEGIN{printf \"%.1f\", $total/1048576}") MiB) in $dir"
 if [ "$total" -gt $((max_mib * 1048576)) ]; then
     echo "gpu_wheels.sh: $dir holds more than $max_mib MiB" >&2
     exit 1
