@@ -35,8 +35,9 @@ from ..loop import BackgroundLoop
 from ..shapes import ModelShape
 from ..storage.s3 import S3Store
 from ..storage.s3.settings import crt_installed
+from ..sync import VUA
 from ..testing.moto import EMBEDDED_CREDENTIALS, EMBEDDED_REGION, MotoProcess
-from ..vua import VUA, AsyncVUA, ClosestKV
+from ..vua import AsyncVUA, ClosestKV
 from .clients import CrtClient
 from .report import Sample, context, summarize
 
