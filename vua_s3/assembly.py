@@ -157,4 +157,6 @@ class Assembly:
         assert out is not None
         if usable < self._groups:
             out = out[:, :, :, : usable * self._size].contiguous()
+            if out.device.type == "cuda":  # runs only on a GPU: the copy is done before the caller reads
+                torch.cuda.current_stream(out.device).synchronize()
         return [(out[layer, 0].unsqueeze(0), out[layer, 1].unsqueeze(0)) for layer in range(out.size(0))]

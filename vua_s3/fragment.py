@@ -31,6 +31,7 @@ from __future__ import annotations
 import json
 import math
 import struct
+import threading
 import zlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -147,9 +148,10 @@ class Encoder:
     Built once per write of a row: where a tensor's memory already holds each head's
     tokens contiguously (the usual ``[b, heads, n, head_dim]``), it keeps one byte view of
     that memory, so each object's segments are plain slices of it and no tensor
-    operation runs per segment. Other layouts and device tensors are staged through one
-    contiguous host copy per layer and K or V when an object is encoded. The views are
-    valid while the caller's tensors are unchanged.
+    operation runs per segment. Other host layouts are staged through one contiguous copy
+    per segment. Device tensors are copied to host memory (pinned for CUDA) once, the
+    whole row at the first encode: one copy per layer and K or V, not one per object.
+    The views are valid while the caller's tensors are unchanged.
     """
 
     def __init__(self, kvcache: KVCache, row: int, *, first_head: int = 0) -> None:
@@ -159,13 +161,36 @@ class Encoder:
         self._first_head = first_head
         self._held = first_key.size(1)
         self._layout = (len(kvcache), first_key.size(3), first_key.dtype)
-        self._memory = [_strided_memory(source[row]) for layer in kvcache for source in layer]
         self._needs_host = first_key.device.type != "cpu"
+        self._sources: list[torch.Tensor] | None = None
+        self._memory: list[tuple[memoryview, int, int, int] | None] = []
+        self._staging = threading.Lock()
+        if not self._needs_host:
+            self._sources = [source[row] for layer in kvcache for source in layer]
+            self._memory = [_strided_memory(source) for source in self._sources]
 
     @property
     def needs_host_copy(self) -> bool:
         """Whether encoding copies from a device (a blocking copy: run it off the event loop)."""
         return self._needs_host
+
+    def _host_sources(self) -> tuple[list[torch.Tensor], list[tuple[memoryview, int, int, int] | None]]:
+        """The row's K and V per layer in host memory, copied from the device on first use."""
+        with self._staging:
+            if self._sources is None:
+                device = self._kvcache[0][0].device
+                pinned = device.type == "cuda"
+                hosts = []
+                for layer in self._kvcache:
+                    for source in layer:
+                        host = torch.empty(source[self._row].shape, dtype=source.dtype, pin_memory=pinned)
+                        host.copy_(source[self._row], non_blocking=pinned)
+                        hosts.append(host)
+                if pinned:  # runs only on a GPU: docs/gpu.md
+                    torch.cuda.current_stream(device).synchronize()
+                self._memory = [_strided_memory(host) for host in hosts]
+                self._sources = hosts
+            return self._sources, self._memory
 
     def encode(
         self, start: int, tokens: torch.Tensor, metadata: dict[str, str], *, head: int, kv_heads: int
@@ -180,10 +205,10 @@ class Encoder:
             )
         end = start + num_tokens
         data = [_bytes(tokens.to("cpu", torch.int64))]
-        sources = (source for layer in self._kvcache for source in layer)
-        for memory, source in zip(self._memory, sources, strict=True):
+        sources, memories = self._host_sources()
+        for memory, source in zip(memories, sources, strict=True):
             if memory is None:
-                data.extend(_views(source[self._row, local : local + 1, start:end, :]))
+                data.extend(_views(source[local : local + 1, start:end, :]))
             else:
                 view, first, head_step, token_step = memory
                 offset = first + local * head_step + start * token_step
@@ -258,9 +283,7 @@ def _strided_memory(block: torch.Tensor) -> tuple[memoryview, int, int, int] | N
 
 
 def _views(block: torch.Tensor) -> list[memoryview]:
-    """``block`` ([heads, S, head_dim]) as few byte views as its memory allows."""
-    if block.device.type != "cpu":
-        return [_bytes(block.to("cpu"))]
+    """``block`` ([heads, S, head_dim], host memory) as few byte views as its memory allows."""
     if block.is_contiguous():
         return [_bytes(block)]
     heads, tokens, head_dim = block.shape

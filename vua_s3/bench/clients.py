@@ -139,7 +139,7 @@ class CrtClient:
     def _path(self, key: str) -> str:
         return self._base + quote(f"{self._prefix}/{key}" if self._prefix else key, safe="/~")
 
-    def put(self, keys: Sequence[str], bodies: Sequence[bytes]) -> None:
+    def put(self, keys: Sequence[str], bodies: Sequence[bytes | memoryview]) -> None:
         s3, http = self._s3, self._http
         requests = []
         for key, body in zip(keys, bodies, strict=True):

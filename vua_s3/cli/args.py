@@ -49,10 +49,17 @@ def _integer(text: str) -> int:
 
 
 positive_int = _argument_type(lambda text: checks.positive_int("the value", _integer(text)), "positive integer")
-positive_ints = _argument_type(
-    lambda text: tuple(checks.positive_int("every value", _integer(part)) for part in text.split(",")),
-    "comma-separated positive integers",
-)
+
+
+def _positive_ints(text: str) -> tuple[int, ...]:
+    try:
+        values = tuple(int(part) for part in text.split(","))
+    except ValueError:
+        raise ValueError(f"{text!r} is not a comma-separated list of integers") from None
+    return tuple(checks.positive_int("every value", value) for value in values)
+
+
+positive_ints = _argument_type(_positive_ints, "comma-separated positive integers")
 
 
 def _minutes(text: str) -> float:

@@ -9,7 +9,7 @@ import sys
 from collections.abc import Sequence
 
 from ..errors import VUAError
-from . import bench, bench_lookup, bench_tp, bench_vllm, demo, listing, ops
+from . import bench, bench_gpu, bench_lookup, bench_tp, bench_vllm, demo, listing, ops
 
 DESCRIPTION = (
     "vua-s3: a KV-cache store for LLM inference on S3-compatible object storage and POSIX. "
@@ -26,6 +26,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_parser(sub)
     bench_lookup.add_parser(sub)
     bench_tp.add_parser(sub)
+    bench_gpu.add_parser(sub)
     bench_vllm.add_parser(sub)
     listing.add_parsers(sub)
     ops.add_parsers(sub)

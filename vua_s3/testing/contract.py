@@ -23,9 +23,8 @@ import pytest
 import torch
 
 from ..errors import AccessDeniedError, ObjectNotFoundError, SizeMismatchError
-from ..storage import Store, open_store
+from ..storage import Location, Store, open_store
 
-Location = str | Store
 Scenario = Callable[[Store], Awaitable[None]]
 
 
