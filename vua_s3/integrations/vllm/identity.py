@@ -92,8 +92,8 @@ def derive_identity(vllm_config: VllmConfig, settings: ConnectorSettings, pp_ran
 
 def request_salt(settings: ConnectorSettings, request: Request) -> str | None:
     """What besides the token ids decides the KV: the operator's salt, vLLM's per-request
-    ``cache_salt``, the LoRA adapter (by its files, read again for every request: vLLM may load
-    an adapter again from disk; not by its name, which another adapter may take), and the
+    ``cache_salt``, the LoRA adapter (by its files, checked for every request: vLLM may load an
+    adapter again from disk; not by its name, which another adapter may take), and the
     content hash and place of every multimodal input (placeholder ids say nothing of content)."""
     lora = getattr(request, "lora_request", None)
     parts: list[Any] = [settings.salt, getattr(request, "cache_salt", None), _adapter(lora) if lora else None]
