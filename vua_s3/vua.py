@@ -17,6 +17,7 @@ from .keys import Group, token_ids, whole_groups
 from .loop import gather_or_cancel
 from .outage import Interrupted, OutagePolicy
 from .presence import KnownPresent, Prober, leading_hits
+from .refresh import Refresher
 from .shards import HeadRange, ModelHeads
 from .storage import Location, Store, open_store
 from .transfer import ObjectIO, settle_prefix
@@ -50,6 +51,7 @@ class AsyncVUA:
         strict: bool = False,
         timeout: float | None = DEFAULT_TIMEOUT,
         probe_waves: int = DEFAULT_PROBE_WAVES,
+        refresh_after: float | None = None,
     ) -> None:
         """``location``: ``s3://bucket/prefix?settings``, ``file:///path``, a path, or a store.
 
@@ -66,9 +68,16 @@ class AsyncVUA:
         ``probe_waves`` bounds the waves of concurrent probes (round trips) with which
         ``lookup`` and ``put`` find the end of the stored prefix: more waves, fewer
         requests; 1 probes every group in a single wave (``docs/lookups.md``).
+
+        ``refresh_after`` (seconds, default off) re-stamps in the background the objects a
+        load reads once their last write is older than that, so expiry by last write (the
+        bucket's lifecycle rule, ``vua-s3 gc``) becomes expiry by last use; keep it well
+        under the expiry age (``docs/operations.md``). It costs one server-side copy per object
+        at most once per ``refresh_after`` and needs write access to the store.
         """
         checks.positive_int("max_inflight", max_inflight)
         checks.positive_int("probe_waves", probe_waves)
+        refresh = checks.optional_seconds("refresh_after", refresh_after)
         self._config = VUAConfig.coerce(config)
         self._store = open_store(location)
         self._policy = OutagePolicy(
@@ -76,7 +85,8 @@ class AsyncVUA:
         )
         self._known = KnownPresent()
         self._prober = Prober(self._store, self._known, probe_waves)
-        self._io = ObjectIO(self._store, self._known, max_inflight)
+        self._refresher = None if refresh is None else Refresher(self._store, refresh, self._known)
+        self._io = ObjectIO(self._store, self._known, max_inflight, refresher=self._refresher)
         self._heads = ModelHeads()  # of this namespace, once a put or a load told
         self._groups = GroupIO(self._config, self._prober, self._io, self._heads, self._policy)
 
@@ -97,6 +107,11 @@ class AsyncVUA:
     def buffers(self) -> BufferPool:
         """The receive buffers reused across loads (their counters show reuse)."""
         return self._io.pool
+
+    @property
+    def refresher(self) -> Refresher | None:
+        """What re-stamps the objects loads read (its counters), when ``refresh_after`` is set."""
+        return self._refresher
 
     def forget_known(self) -> None:
         """Forget what this object has seen stored, so the next query asks the store as a
@@ -302,7 +317,9 @@ class AsyncVUA:
         await self._groups.put_groups(ids, kvcache, groups, kv_start, salt, heads)
 
     async def close(self) -> None:
-        """Release the store's connections."""
+        """Release the store's connections (refreshes still out are cancelled)."""
+        if self._refresher is not None:
+            await self._refresher.close()
         await self._store.close()
 
     async def __aenter__(self) -> AsyncVUA:

@@ -1,0 +1,237 @@
+"""Expiry by last use: loads re-stamp what they read (``refresh_after``), so gc and lifecycle
+rules that go by last write remove what nobody read. On POSIX and real S3 servers over HTTP;
+ages are made by setting file times (POSIX) or by waiting a second or two (S3, whose
+last-modified times count whole seconds in its conditions)."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import logging
+import os
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import assert_kv_equal, random_kvcache, unique_prefix
+
+from vua_s3 import AsyncVUA, VUAConfig, open_store
+from vua_s3.integrations.vllm.settings import ConnectorSettings
+from vua_s3.ops.gc import gc
+from vua_s3.refresh import Refresher
+from vua_s3.storage import Store
+from vua_s3.storage.s3.settings import SSE_C_KEY_ENV
+from vua_s3.testing.faultproxy import Fault, FaultProxy
+from vua_s3.testing.moto import EmbeddedS3
+
+SPLIT = 16
+CFG = VUAConfig(split_factor=SPLIT)
+PROMPTS = {name: torch.arange(start, start + 2 * SPLIT) for name, start in (("a", 0), ("b", 5000), ("c", 9000))}
+KVS = {name: random_kvcache(seq_len=2 * SPLIT) for name in PROMPTS}  # 2 groups x 2 KV heads: 4 objects
+KEYS = {name: CFG.tokens_to_paths(tokens, kv_heads=2) for name, tokens in PROMPTS.items()}
+COPIES = Fault("status", method="PUT", header="x-amz-copy-source")
+
+
+async def modified(store: Store) -> dict[str, float]:
+    """Every object's last write, from a listing (S3: to the millisecond)."""
+    return {info.key: info.last_modified async for info in store.list()}
+
+
+async def age(location: str, store: Store, seconds: float) -> None:
+    """Make every stored object older than ``seconds``: file times set back, or a wait."""
+    if not location.startswith("s3://"):
+        then = time.time() - seconds - 10
+        for key in await modified(store):
+            os.utime(Path(location) / key, (then, then))
+        return
+    newest = max((await modified(store)).values())
+    await asyncio.sleep(max(0.0, newest + seconds + 1.1 - time.time()))
+
+
+def refresher(vua: AsyncVUA) -> Refresher:
+    assert vua.refresher is not None
+    return vua.refresher
+
+
+async def load(vua: AsyncVUA, name: str) -> bool:
+    """Load a prompt; whether it was a whole, bit-exact hit."""
+    hit = await vua.get_closest(PROMPTS[name])
+    if hit is None:
+        return False
+    assert hit.tokens.numel() == 2 * SPLIT
+    assert_kv_equal(hit.data, KVS[name])
+    return True
+
+
+def test_loads_refresh_what_they_read_and_gc_removes_the_unread(location: str) -> None:
+    async def run() -> None:
+        async with AsyncVUA(CFG, location, refresh_after=1) as vua:
+            for name, tokens in PROMPTS.items():
+                assert await vua.put(tokens, KVS[name]) == 2
+            await age(location, vua.store, 1)
+            before = await modified(vua.store)
+            vua.forget_known()  # what a new reader knows: nothing
+            assert await load(vua, "a")
+            await refresher(vua).settle()
+            after = await modified(vua.store)
+            assert all(after[key] > before[key] for key in KEYS["a"])
+            assert all(after[key] == before[key] for key in KEYS["b"] + KEYS["c"])
+            r = refresher(vua)
+            assert (r.sent, r.refreshed, r.skipped, r.failed, r.dropped) == (4, 4, 0, 0, 0)
+
+            # Read again within refresh_after, fresh or forgotten: no new request.
+            assert await load(vua, "a")
+            vua.forget_known()
+            assert await load(vua, "a")
+            await r.settle()
+            assert r.sent == 4
+            assert await modified(vua.store) == after
+
+            # gc --max-bytes: least recently used first. One prompt's worth over the cap goes,
+            # from the unread ones (b and c are the same age: ties go by key).
+            sizes = {info.key: info.size async for info in vua.store.list()}
+            total, one = sum(sizes.values()), sum(sizes[key] for key in KEYS["b"])
+            capped = await gc(location, max_bytes=total - one)
+            assert capped.deleted == 4
+            left = set(await modified(vua.store))
+            assert set(KEYS["a"]) <= left and len(left) == 8
+
+            # gc --older-than: exactly the unread groups left go.
+            newest_unread = max(after[key] for key in KEYS["b"] + KEYS["c"])
+            oldest_read = min(after[key] for key in KEYS["a"])
+            assert newest_unread < oldest_read - 0.5
+            expired = await gc(location, older_than=1.0, now=oldest_read + 0.5)
+            assert expired.deleted == 4
+            assert set(await modified(vua.store)) == set(KEYS["a"])
+            vua.forget_known()
+            assert await load(vua, "a")
+            assert not await load(vua, "b") and not await load(vua, "c")
+
+    asyncio.run(run())
+
+
+def test_the_verb_declines_what_is_newer_or_gone(location: str, request: pytest.FixtureRequest) -> None:
+    """``Store.refresh`` re-stamps an object last written before the bound, keeps its bytes,
+    and declines one written after it (except moto, which ignores copy conditions: its
+    answer is a copy) or one that is gone."""
+
+    async def run() -> None:
+        store = open_store(location)
+        try:
+            await store.put("ns/x", b"payload" * 100)
+            await age(location, store, 1)
+            written = (await modified(store))["ns/x"]
+            ignores_conditions = request.node.callspec.params["location"] == "moto"
+            assert await store.refresh("ns/x", written - 10) is ignores_conditions
+            assert await store.refresh("ns/x", time.time()) is True
+            assert (await modified(store))["ns/x"] > written
+            assert await store.get("ns/x") == b"payload" * 100
+            assert await store.refresh("ns/missing", time.time()) is False
+            assert "ns/missing" not in await modified(store)
+        finally:
+            await store.close()
+
+    asyncio.run(run())
+
+
+def test_failing_refreshes_never_fail_or_hold_up_loads(moto_server: EmbeddedS3, caplog) -> None:  # type: ignore[no-untyped-def]
+    """A copy answered 503 is a counted failure, logged once, and the load it came from
+    returns the same data with the same requests; copies held at the proxy hold up no load."""
+
+    async def run(proxy: FaultProxy) -> None:
+        url = moto_server.url(unique_prefix()).replace(moto_server.endpoint_url, proxy.endpoint_url)
+        async with AsyncVUA(CFG, url + "&max_attempts=2", refresh_after=1) as vua:
+            for name, tokens in PROMPTS.items():
+                await vua.put(tokens, KVS[name])
+            r = refresher(vua)
+            await age(url, vua.store, 1)
+            proxy.faults = [COPIES]
+            vua.forget_known()
+            proxy.requests.clear()
+            assert await load(vua, "a")
+            gets = [q for q in proxy.requests if q.method == "GET"]
+            await r.settle()
+            assert (r.sent, r.failed, r.refreshed) == (4, 4, 0)
+            assert COPIES.hits == 8  # each copy tried twice (max_attempts)
+            assert len(gets) == 6  # as any load: a LIST per group, a GET per object
+            assert await load(vua, "a")  # failed within refresh_after: not asked again
+            await r.settle()
+            assert r.sent == 4
+
+            # Copies held at the proxy: the loads that sent them, and others, finish meanwhile.
+            held = Fault("hold", method="PUT", header="x-amz-copy-source")
+            proxy.faults = [held]
+            assert await load(vua, "b")
+            assert await asyncio.to_thread(proxy.held.wait, 30)
+            assert await load(vua, "c")
+            assert r.refreshed == 0
+            proxy.release()
+            await r.settle()
+            assert (r.sent, r.refreshed, r.failed) == (12, 8, 4)
+
+    caplog.set_level(logging.WARNING, logger="vua_s3")
+    with FaultProxy(moto_server.port) as proxy:
+        asyncio.run(run(proxy))
+    warnings = [rec.getMessage() for rec in caplog.records if "refreshing objects" in rec.getMessage()]
+    assert len(warnings) == 1 and "SlowDown" in warnings[0]
+
+
+def test_loads_without_refresh_after_copy_nothing(posix_or_moto: str) -> None:
+    async def run() -> None:
+        async with AsyncVUA(CFG, posix_or_moto) as vua:
+            await vua.put(PROMPTS["a"], KVS["a"])
+            await age(posix_or_moto, vua.store, 0)
+            before = await modified(vua.store)
+            vua.forget_known()
+            assert await load(vua, "a")
+            assert vua.refresher is None
+            assert await modified(vua.store) == before
+
+    asyncio.run(run())
+
+
+@pytest.mark.parametrize("sse", ["sse-s3", "sse-c"])
+def test_copies_carry_the_stores_encryption(moto_server: EmbeddedS3, monkeypatch, sse: str) -> None:  # type: ignore[no-untyped-def]
+    """A replaced copy would take the bucket's default encryption: the store's is sent again
+    (SSE-C: the key for the source and for the copy)."""
+    monkeypatch.setenv(SSE_C_KEY_ENV, base64.b64encode(bytes(range(32))).decode())
+
+    async def run(proxy: FaultProxy) -> None:
+        url = moto_server.url(unique_prefix()).replace(moto_server.endpoint_url, proxy.endpoint_url)
+        async with AsyncVUA(CFG, f"{url}&sse={sse}", refresh_after=1) as vua:
+            await vua.put(PROMPTS["a"], KVS["a"])
+            await age(url, vua.store, 1)
+            vua.forget_known()
+            assert await load(vua, "a")
+            await refresher(vua).settle()
+            assert refresher(vua).refreshed == 4
+
+    with FaultProxy(moto_server.port) as proxy:
+        asyncio.run(run(proxy))
+    copies = [q for q in proxy.requests if "x-amz-copy-source" in q.headers]
+    assert len(copies) == 4
+    wanted = (
+        {"x-amz-server-side-encryption": "AES256"}
+        if sse == "sse-s3"
+        else {
+            "x-amz-server-side-encryption-customer-algorithm": "AES256",
+            "x-amz-copy-source-server-side-encryption-customer-algorithm": "AES256",
+        }
+    )
+    for copy in copies:
+        assert {name: copy.headers.get(name) for name in wanted} == wanted
+        assert copy.headers["x-amz-metadata-directive"] == "REPLACE"
+        assert "x-amz-copy-source-if-unmodified-since" in copy.headers
+        if sse == "sse-c":
+            assert copy.headers["x-amz-copy-source-server-side-encryption-customer-key"]
+
+
+def test_refresh_after_is_checked() -> None:
+    with pytest.raises(ValueError, match="refresh_after"):
+        AsyncVUA(CFG, "/tmp/unused-vua-refresh", refresh_after=0)
+    settings = ConnectorSettings.from_extra_config({"url": "s3://b/p", "refresh_after": 86400})
+    assert settings.refresh_after == 86400
+    assert ConnectorSettings.from_extra_config({"url": "s3://b/p"}).refresh_after is None
+    with pytest.raises(ValueError, match="refresh_after"):
+        ConnectorSettings.from_extra_config({"url": "s3://b/p", "refresh_after": -1})
