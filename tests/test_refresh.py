@@ -18,12 +18,14 @@ from conftest import assert_kv_equal, random_kvcache, unique_prefix
 
 from vua_s3 import AsyncVUA, VUAConfig, open_store
 from vua_s3.integrations.vllm.settings import ConnectorSettings
+from vua_s3.ops.doctor import FAIL, PASS, WARN, Check, doctor
 from vua_s3.ops.gc import gc
 from vua_s3.refresh import Refresher
 from vua_s3.storage import Store
 from vua_s3.storage.s3.settings import SSE_C_KEY_ENV
 from vua_s3.testing.faultproxy import Fault, FaultProxy
 from vua_s3.testing.moto import EmbeddedS3
+from vua_s3.testing.seaweed import SeaweedS3
 
 SPLIT = 16
 CFG = VUAConfig(split_factor=SPLIT)
@@ -107,6 +109,54 @@ def test_loads_refresh_what_they_read_and_gc_removes_the_unread(location: str) -
             vua.forget_known()
             assert await load(vua, "a")
             assert not await load(vua, "b") and not await load(vua, "c")
+
+    asyncio.run(run())
+
+
+def test_a_refresh_elsewhere_is_not_repeated(location: str, request: pytest.FixtureRequest) -> None:
+    """Two readers (two processes, as a vLLM scheduler and worker are): the second loads
+    groups by their sizes, without a probe, so it cannot know their age and asks; the store
+    declines the copy (moto ignores the condition and copies)."""
+
+    async def run() -> None:
+        async with (
+            AsyncVUA(CFG, location, refresh_after=1) as first,
+            AsyncVUA(CFG, location, refresh_after=60) as second,
+        ):
+            await first.put(PROMPTS["a"], KVS["a"])
+            await age(location, first.store, 1)
+            first.forget_known()
+            assert await load(first, "a")
+            await refresher(first).settle()
+            assert refresher(first).refreshed == 4
+            sizes = await first.stored_sizes(PROMPTS["a"])
+            placed: list[int] = []
+            used = await second.load_groups(PROMPTS["a"], 0, lambda n, kv: placed.append(n) is None, sizes=sizes)
+            assert used == 2 and sorted(placed) == [0, 1]
+            await refresher(second).settle()
+            r = refresher(second)
+            copied = request.node.callspec.params["location"] == "moto"
+            assert (r.sent, r.refreshed, r.skipped) == (4, 4 if copied else 0, 0 if copied else 4)
+
+    asyncio.run(run())
+
+
+def test_a_chain_start_the_caller_holds_is_refreshed_too(posix_or_moto: str) -> None:
+    """vLLM loads from the first group its own prefix cache lacks: the groups before it were
+    used too, and must not expire before the ones after them."""
+
+    async def run() -> None:
+        async with AsyncVUA(CFG, posix_or_moto, refresh_after=1) as vua:
+            await vua.put(PROMPTS["a"], KVS["a"])
+            await age(posix_or_moto, vua.store, 1)
+            before = await modified(vua.store)
+            vua.forget_known()
+            sizes = await vua.stored_sizes(PROMPTS["a"], first_group=1)
+            assert await vua.load_groups(PROMPTS["a"], 1, lambda n, kv: True, sizes=sizes) == 1
+            await refresher(vua).settle()
+            assert refresher(vua).refreshed == 4
+            after = await modified(vua.store)
+            assert all(after[key] > before[key] for key in KEYS["a"])
 
     asyncio.run(run())
 
@@ -235,3 +285,31 @@ def test_refresh_after_is_checked() -> None:
     assert ConnectorSettings.from_extra_config({"url": "s3://b/p"}).refresh_after is None
     with pytest.raises(ValueError, match="refresh_after"):
         ConnectorSettings.from_extra_config({"url": "s3://b/p", "refresh_after": -1})
+
+
+def rows(checks: list[Check]) -> dict[str, Check]:
+    return {check.name: check for check in checks}
+
+
+def test_doctor_checks_the_refresh(moto_server: EmbeddedS3, seaweed_server: SeaweedS3, tmp_path: Path) -> None:
+    seaweed = rows(doctor(seaweed_server.url(unique_prefix())))["refresh"]
+    assert seaweed.status == PASS and "declined" in seaweed.detail
+    moto = rows(doctor(moto_server.url(unique_prefix())))["refresh"]
+    assert moto.status == WARN and "copy conditions ignored" in moto.detail
+    posix = rows(doctor(str(tmp_path)))["refresh"]
+    assert posix.status == PASS and "mode, owner kept" in posix.detail
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize(
+    ("status", "code", "fix"),
+    [(403, "AccessDenied", "grant s3:GetObject and s3:PutObject"), (501, "NotImplemented", "leave refresh_after off")],
+)
+def test_doctor_names_the_fix_when_copies_fail(moto_server: EmbeddedS3, status: int, code: str, fix: str) -> None:
+    with FaultProxy(moto_server.port) as proxy:
+        proxy.faults = [Fault("status", method="PUT", header="x-amz-copy-source", status=status, code=code)]
+        url = moto_server.url(unique_prefix()).replace(moto_server.endpoint_url, proxy.endpoint_url)
+        checks = doctor(url + "&max_attempts=1")
+    refresh = rows(checks)["refresh"]
+    assert refresh.status == WARN and fix in refresh.fix
+    assert all(check.status != FAIL for check in checks)  # a cache works without it

@@ -7,7 +7,7 @@ import asyncio
 import functools
 import logging
 import time
-from collections.abc import Coroutine
+from collections.abc import Coroutine, Sequence
 from typing import Any
 
 import torch
@@ -100,10 +100,18 @@ class ObjectIO:
         return self._used(group, [first, *heads.rest], all(rest))
 
     def _used(self, group: Group, heads: list[int], loaded: bool) -> bool:
-        """``loaded``; a group loaded whole is handed to the refresher (which returns at once)."""
-        if loaded and self._refresher is not None:
-            self._refresher.used(group.keys(heads))
+        """``loaded``; a group loaded whole counts as used."""
+        if loaded:
+            self.used([group], heads)
         return loaded
+
+    def used(self, groups: Sequence[Group], heads: Sequence[int]) -> None:
+        """Groups (these heads of them) a caller used: handed to the refresher, which returns at
+        once. A caller that holds the first groups of a chain itself tells them too, so they do
+        not expire before the groups after them."""
+        if self._refresher is not None:
+            for group in groups:
+                self._refresher.used(group.keys(heads))
 
     async def _load_head(
         self, group: Group, head: int, index: int, size: int, ids: torch.Tensor, assembly: Assembly
