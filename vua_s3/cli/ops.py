@@ -27,7 +27,8 @@ def add_parsers(sub: Any) -> None:
     p.add_argument(
         "--max-bytes",
         type=size,
-        help="then delete the least recently modified (written, or read with refresh_after) until fragments fit",
+        help="then delete the least recently modified (written, or read with refresh_after) until fragments fit, "
+        "e.g. 500GiB",
     )
     p.add_argument("--per-namespace", action="store_true", help="--max-bytes applies to each namespace")
     p.add_argument(
