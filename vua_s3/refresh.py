@@ -65,8 +65,8 @@ class Refresher:
         self.dropped = 0
         """Keys not asked about because the backlog was full."""
         self.report: Callable[[str], object] | None = None
-        """Told ``"refreshes"`` per request sent and ``"refresh_failures"`` per failure (the
-        vLLM connector's metric names)."""
+        """Told ``"refreshes"`` per request answered (or failed) and ``"refresh_failures"`` per
+        failure (the vLLM connector's metric names)."""
 
     def used(self, keys: Sequence[str]) -> None:
         """The head objects of one group a load just used; returns at once."""
@@ -106,11 +106,11 @@ class Refresher:
 
     async def _refresh(self, key: str) -> None:
         self.sent += 1
-        self._tell("refreshes")
         try:
             done = await self._store.refresh(key, time.time() - self.after)
         except Exception as exc:  # any failure: the object just expires by its last write
             self.failed += 1
+            self._tell("refreshes")
             self._tell("refresh_failures")
             if not self._failing:
                 self._failing = True
@@ -124,6 +124,7 @@ class Refresher:
                     exc_info=not isinstance(exc, StoreError),
                 )
             return
+        self._tell("refreshes")
         if self._failing:
             self._failing = False
             log.info("refreshing objects in %s works again", self._store.url)
