@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import time
 from collections import OrderedDict, deque
 from collections.abc import Callable, Sequence
@@ -43,13 +44,15 @@ class Refresher:
         capacity: int = 1 << 16,
     ) -> None:
         self.after = after
+        """Seconds; a change applies from the next hit on."""
         self._store = store
         self._known = known
         self._concurrency = concurrency
         self._backlog = backlog
         self._capacity = capacity
-        self._next: OrderedDict[str, float] = OrderedDict()
-        """Key -> the monotonic time before which it is not asked about again."""
+        self._asked: OrderedDict[str, float] = OrderedDict()
+        """Key -> when (monotonic) it was last asked about or known modified: it is not
+        asked about again until ``after`` seconds later."""
         self._waiting: deque[str] = deque()
         self._tasks: set[asyncio.Task[None]] = set()
         self._failing = False
@@ -70,28 +73,28 @@ class Refresher:
 
     def used(self, keys: Sequence[str]) -> None:
         """The head objects of one group a load just used; returns at once."""
-        now, wall = time.monotonic(), time.time()
-        due = [key for key in keys if self._next.get(key, 0.0) <= now]
+        now = time.monotonic()
+        due = [key for key in keys if now - self._asked.get(key, -math.inf) >= self.after]
         if not due:
             return
         infos = [info for info in map(self._known.get, keys) if info is not None]
-        age = wall - min(info.last_modified for info in infos) if infos else None
-        if age is not None and age < self.after:  # written or refreshed recently: not yet
-            self._remember(due, now + self.after - age)
+        age = time.time() - min(info.last_modified for info in infos) if infos else math.inf
+        if age < self.after:  # written or refreshed recently: not yet
+            self._remember(due, now - age)
             return
         if len(self._waiting) + len(due) > self._backlog:
             self.dropped += len(due)
             return
-        self._remember(due, now + self.after)
+        self._remember(due, now)
         self._waiting.extend(due)
         self._start(asyncio.get_running_loop())
 
-    def _remember(self, keys: Sequence[str], until: float) -> None:
+    def _remember(self, keys: Sequence[str], when: float) -> None:
         for key in keys:
-            self._next[key] = until
-            self._next.move_to_end(key)
-        while len(self._next) > self._capacity:
-            self._next.popitem(last=False)
+            self._asked[key] = when
+            self._asked.move_to_end(key)
+        while len(self._asked) > self._capacity:
+            self._asked.popitem(last=False)
 
     def _start(self, loop: asyncio.AbstractEventLoop) -> None:
         while self._waiting and len(self._tasks) < self._concurrency:
@@ -109,6 +112,7 @@ class Refresher:
         try:
             done = await self._store.refresh(key, time.time() - self.after)
         except Exception as exc:  # any failure: the object just expires by its last write
+            self._remember([key], time.monotonic())
             self.failed += 1
             self._tell("refreshes")
             self._tell("refresh_failures")
@@ -124,6 +128,7 @@ class Refresher:
                     exc_info=not isinstance(exc, StoreError),
                 )
             return
+        self._remember([key], time.monotonic())  # refreshed, or modified since now - after
         self._tell("refreshes")
         if self._failing:
             self._failing = False
