@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import json
 import logging
 import os
 import time
@@ -17,6 +18,7 @@ import torch
 from conftest import assert_kv_equal, random_kvcache, unique_prefix
 
 from vua_s3 import AsyncVUA, VUAConfig, open_store
+from vua_s3.cli.main import main
 from vua_s3.integrations.vllm.settings import ConnectorSettings
 from vua_s3.ops.doctor import FAIL, PASS, WARN, Check, doctor
 from vua_s3.ops.gc import gc
@@ -317,3 +319,16 @@ def test_doctor_names_the_fix_when_copies_fail(moto_server: EmbeddedS3, status: 
     refresh = rows(checks)["refresh"]
     assert refresh.status == WARN and fix in refresh.fix
     assert all(check.status != FAIL for check in checks)  # a cache works without it
+
+
+def test_bench_refresh_rows(capsys) -> None:  # type: ignore[no-untyped-def]
+    """``vua-s3 bench --refresh``: both loads measured, one copy per object of each hit group."""
+    argv = ["bench", "--server", "moto", "--model", "tiny", "--tokens", "64", "--split-factor", "16"]
+    assert main([*argv, "--repeats", "2", "--refresh", "--no-posix", "--no-cold", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    refresh = report["refresh"]
+    assert refresh["copies_per_group"] == [2, 2]  # the tiny shape's 2 KV heads
+    assert refresh["get_due"]["requests"].get("list_objects_v2") == 4  # the load's own probes, as with refresh off
+    assert refresh["get_off"]["requests"] == {"list_objects_v2": 4, "get_object": 8}
+    assert len(refresh["get_due"]["seconds"]["samples"]) == 2 and "median" in refresh["cpu_ms_per_group"]
+    assert report["ratios"]["get_refresh_due_vs_off"] > 0
