@@ -22,8 +22,10 @@ from vua_s3.cli.main import main
 from vua_s3.integrations.vllm.settings import ConnectorSettings
 from vua_s3.ops.doctor import FAIL, PASS, WARN, Check, doctor
 from vua_s3.ops.gc import gc
+from vua_s3.presence import KnownPresent
 from vua_s3.refresh import Refresher
 from vua_s3.storage import Store
+from vua_s3.storage.posix import PosixStore
 from vua_s3.storage.s3.settings import SSE_C_KEY_ENV
 from vua_s3.testing.faultproxy import Fault, FaultProxy
 from vua_s3.testing.moto import EmbeddedS3
@@ -332,3 +334,54 @@ def test_bench_refresh_rows(capsys) -> None:  # type: ignore[no-untyped-def]
     assert refresh["get_off"]["requests"] == {"list_objects_v2": 4, "get_object": 8}
     assert len(refresh["get_due"]["seconds"]["samples"]) == 2 and "median" in refresh["cpu_ms_per_group"]
     assert report["ratios"]["get_refresh_due_vs_off"] > 0
+
+
+class _HeldStore(PosixStore):
+    """Refreshes wait for the test to release them; how many are out at once is counted."""
+
+    def __init__(self, root: Path) -> None:
+        super().__init__(root)
+        self.release = asyncio.Event()
+        self.out = self.most = 0
+
+    async def refresh(self, key: str, written_before: float) -> bool:
+        self.out += 1
+        self.most = max(self.most, self.out)
+        try:
+            await self.release.wait()
+            return await super().refresh(key, written_before)
+        finally:
+            self.out -= 1
+
+
+def test_refreshes_wait_while_a_verb_runs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """None starts while the cache object is busy; after PATIENCE of busy, one at a time."""
+
+    async def run() -> None:
+        store = _HeldStore(tmp_path)
+        keys = [f"ns/{i}" for i in range(6)]
+        for key in keys:
+            await store.put(key, b"x")
+        await age(str(tmp_path), store, 1)
+        refresher = Refresher(store, 1, KnownPresent(), concurrency=4)
+        with refresher.busy():
+            refresher.used(keys[:3])  # ages unknown: all due
+            await asyncio.sleep(0.05)
+            assert refresher.sent == 0
+        await asyncio.sleep(0)
+        assert refresher.sent == 3
+        store.release.set()
+        await refresher.settle()
+        assert refresher.refreshed == 3
+        store.release.clear()
+        monkeypatch.setattr("vua_s3.refresh.PATIENCE", 0.0)
+        with refresher.busy():
+            refresher.used(keys[3:])
+            await asyncio.sleep(0.05)
+            assert refresher.sent == 4 and store.most == 3  # one, as the rest wait for the pause
+            store.release.set()
+            await asyncio.sleep(0.05)
+        await refresher.settle()
+        assert refresher.refreshed == 6
+
+    asyncio.run(run())

@@ -5,11 +5,12 @@ removes what nobody has read for that long (``docs/operations.md``)."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import math
 import time
 from collections import OrderedDict, deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 from .errors import StoreError
 from .presence import KnownPresent
@@ -17,13 +18,19 @@ from .storage import ObjectInfo, Store
 
 log = logging.getLogger(__name__)
 
+#: Seconds a refresh waits for the verbs of its cache object to pause; past it, refreshes go
+#: one at a time meanwhile (a busy cache must not let what it reads expire).
+PATIENCE = 5.0
+
 
 class Refresher:
     """Re-stamps the head objects of the groups loads used, off the loads' path.
 
     A load hands over a group's keys (:meth:`used`) and goes on at once; the requests run as
-    tasks of its event loop, at most ``concurrency`` at a time, and at most ``backlog`` keys
-    wait for them (a group that does not fit is dropped whole: its next hit asks again). A
+    tasks of its event loop once no verb of the cache object runs (:meth:`busy`),
+    at most ``concurrency`` at a time (one at a time after :data:`PATIENCE` seconds of no
+    pause), and at most ``backlog`` keys wait for them (a group that does not fit is dropped
+    whole: its next hit asks again). A
     group's heads are judged together, by the oldest last write this object's probes saw
     among them: a group known to be younger than ``after`` costs no request. Each key is
     asked about at most once per ``after`` seconds here (``capacity`` keys remembered, the
@@ -53,8 +60,11 @@ class Refresher:
         self._asked: OrderedDict[str, float] = OrderedDict()
         """Key -> when (monotonic) it was last asked about or known modified: it is not
         asked about again until ``after`` seconds later."""
-        self._waiting: deque[str] = deque()
+        self._waiting: deque[tuple[str, float]] = deque()
+        """Keys to ask about, with when (monotonic) they were queued."""
         self._tasks: set[asyncio.Task[None]] = set()
+        self._busy = 0
+        self._wake: asyncio.TimerHandle | None = None
         self._failing = False
         self.sent = 0
         """Refresh requests sent."""
@@ -86,8 +96,19 @@ class Refresher:
             self.dropped += len(due)
             return
         self._remember(due, now)
-        self._waiting.extend(due)
+        self._waiting.extend((key, now) for key in due)
         self._start(asyncio.get_running_loop())
+
+    @contextlib.contextmanager
+    def busy(self) -> Iterator[None]:
+        """Around each verb of the cache object: refreshes wait until none runs."""
+        self._busy += 1
+        try:
+            yield
+        finally:
+            self._busy -= 1
+            if not self._busy and self._waiting:
+                self._start(asyncio.get_running_loop())
 
     def _remember(self, keys: Sequence[str], when: float) -> None:
         for key in keys:
@@ -96,11 +117,22 @@ class Refresher:
         while len(self._asked) > self._capacity:
             self._asked.popitem(last=False)
 
-    def _start(self, loop: asyncio.AbstractEventLoop) -> None:
+    def _start(self, loop: asyncio.AbstractEventLoop, *, waited: bool = False) -> None:
         while self._waiting and len(self._tasks) < self._concurrency:
-            task = loop.create_task(self._refresh(self._waiting.popleft()))
+            if self._busy and not waited:
+                patient = self._waiting[0][1] + PATIENCE - time.monotonic()
+                if self._tasks or patient > 0:
+                    if not self._tasks and self._wake is None:
+                        self._wake = loop.call_later(patient, self._woken, loop)
+                    return
+            task = loop.create_task(self._refresh(self._waiting.popleft()[0]))
             self._tasks.add(task)
             task.add_done_callback(self._finished)
+            waited = False  # one at a time while busy
+
+    def _woken(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._wake = None
+        self._start(loop)
 
     def _finished(self, task: asyncio.Task[None]) -> None:
         self._tasks.discard(task)
@@ -146,13 +178,17 @@ class Refresher:
             self.report(name)
 
     async def settle(self) -> None:
-        """Wait until every refresh asked for so far has been answered."""
-        while self._tasks:
+        """Start what waits and wait until every refresh asked for so far has been answered."""
+        while self._tasks or self._waiting:
+            self._start(asyncio.get_running_loop(), waited=True)
             await asyncio.gather(*self._tasks, return_exceptions=True)
 
     async def close(self) -> None:
         """Drop what waits and cancel what is out (a cancelled copy is atomic on the server)."""
         self._waiting.clear()
+        if self._wake is not None:
+            self._wake.cancel()
+            self._wake = None
         tasks = list(self._tasks)
         for task in tasks:
             task.cancel()
