@@ -126,6 +126,9 @@ class GroupIO:
             if not result:
                 break
             usable += 1
+        held = self._heads.resolve(heads)
+        if usable and first_group and held is not None:  # the chain's start, which the caller holds
+            self._io.used(chain[:first_group], held.heads)
         return usable
 
     async def _load_into(

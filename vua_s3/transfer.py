@@ -7,7 +7,7 @@ import asyncio
 import functools
 import logging
 import time
-from collections.abc import Coroutine
+from collections.abc import Coroutine, Sequence
 from typing import Any
 
 import torch
@@ -18,6 +18,7 @@ from .errors import AccessDeniedError, FragmentError, ObjectNotFoundError, SizeM
 from .keys import Group
 from .loop import gather_or_cancel, in_thread
 from .presence import KnownPresent
+from .refresh import Refresher
 from .shards import HeadRange
 from .storage import ObjectInfo, Store
 
@@ -31,9 +32,12 @@ class ObjectIO:
     puts need not ask the store again.
     """
 
-    def __init__(self, store: Store, known: KnownPresent, max_inflight: int) -> None:
+    def __init__(
+        self, store: Store, known: KnownPresent, max_inflight: int, *, refresher: Refresher | None = None
+    ) -> None:
         self._store = store
         self._known = known
+        self._refresher = refresher
         self.max_inflight = max_inflight
         self.pool = BufferPool(keep=max_inflight)
         self._limits: dict[asyncio.AbstractEventLoop, asyncio.Semaphore] = {}
@@ -86,13 +90,28 @@ class ObjectIO:
         if assembly.heads is not None:
             order = [first, *assembly.heads.rest]
             loaded = await gather_or_cancel(*(self._load_head(group, h, index, size, ids, assembly) for h in order))
-            return all(loaded)
+            return self._used(group, order, all(loaded))
         if not await self._load_head(group, first, index, size, ids, assembly):
             return False
         heads = await assembly.layout()
         if heads is None:
             return False
-        return all(await gather_or_cancel(*(self._load_head(group, h, index, size, ids, assembly) for h in heads.rest)))
+        rest = await gather_or_cancel(*(self._load_head(group, h, index, size, ids, assembly) for h in heads.rest))
+        return self._used(group, [first, *heads.rest], all(rest))
+
+    def _used(self, group: Group, heads: list[int], loaded: bool) -> bool:
+        """``loaded``; a group loaded whole counts as used."""
+        if loaded:
+            self.used([group], heads)
+        return loaded
+
+    def used(self, groups: Sequence[Group], heads: Sequence[int]) -> None:
+        """Groups (these heads of them) a caller used: handed to the refresher, which returns at
+        once. A caller that holds the first groups of a chain itself tells them too, so they do
+        not expire before the groups after them."""
+        if self._refresher is not None:
+            for group in groups:
+                self._refresher.used(group.keys(heads))
 
     async def _load_head(
         self, group: Group, head: int, index: int, size: int, ids: torch.Tensor, assembly: Assembly

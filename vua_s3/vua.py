@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable, Sequence
-from typing import Any, NamedTuple, overload
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any, NamedTuple, TypeVar, overload
 
 import torch
 
@@ -17,9 +17,12 @@ from .keys import Group, token_ids, whole_groups
 from .loop import gather_or_cancel
 from .outage import Interrupted, OutagePolicy
 from .presence import KnownPresent, Prober, leading_hits
+from .refresh import Refresher
 from .shards import HeadRange, ModelHeads
 from .storage import Location, Store, open_store
 from .transfer import ObjectIO, settle_prefix
+
+_T = TypeVar("_T")
 
 #: Default bound on one ``get_closest``/``lookup`` query, seconds: past it the query is a miss.
 DEFAULT_TIMEOUT = 30.0
@@ -50,6 +53,7 @@ class AsyncVUA:
         strict: bool = False,
         timeout: float | None = DEFAULT_TIMEOUT,
         probe_waves: int = DEFAULT_PROBE_WAVES,
+        refresh_after: float | None = None,
     ) -> None:
         """``location``: ``s3://bucket/prefix?settings``, ``file:///path``, a path, or a store.
 
@@ -66,9 +70,16 @@ class AsyncVUA:
         ``probe_waves`` bounds the waves of concurrent probes (round trips) with which
         ``lookup`` and ``put`` find the end of the stored prefix: more waves, fewer
         requests; 1 probes every group in a single wave (``docs/lookups.md``).
+
+        ``refresh_after`` (seconds, default off) re-stamps in the background the objects a
+        load reads once their last write is older than that, so expiry by last write (the
+        bucket's lifecycle rule, ``vua-s3 gc``) becomes expiry by last use; keep it well
+        under the expiry age (``docs/operations.md``). It costs one server-side copy per object
+        at most once per ``refresh_after`` and needs write access to the store.
         """
         checks.positive_int("max_inflight", max_inflight)
         checks.positive_int("probe_waves", probe_waves)
+        refresh = checks.optional_seconds("refresh_after", refresh_after)
         self._config = VUAConfig.coerce(config)
         self._store = open_store(location)
         self._policy = OutagePolicy(
@@ -76,7 +87,8 @@ class AsyncVUA:
         )
         self._known = KnownPresent()
         self._prober = Prober(self._store, self._known, probe_waves)
-        self._io = ObjectIO(self._store, self._known, max_inflight)
+        self._refresher = None if refresh is None else Refresher(self._store, refresh, self._known)
+        self._io = ObjectIO(self._store, self._known, max_inflight, refresher=self._refresher)
         self._heads = ModelHeads()  # of this namespace, once a put or a load told
         self._groups = GroupIO(self._config, self._prober, self._io, self._heads, self._policy)
 
@@ -98,10 +110,23 @@ class AsyncVUA:
         """The receive buffers reused across loads (their counters show reuse)."""
         return self._io.pool
 
+    @property
+    def refresher(self) -> Refresher | None:
+        """What re-stamps the objects loads read (its counters), when ``refresh_after`` is set."""
+        return self._refresher
+
     def forget_known(self) -> None:
         """Forget what this object has seen stored, so the next query asks the store as a
         new process would (the bench measures that way)."""
         self._known.clear()
+
+    async def _quietly(self, work: Awaitable[_T]) -> _T:
+        """``work``, with this object's refreshes held back meanwhile: they start once no verb
+        runs (``refresh.py``), so they never compete with a query for the loop."""
+        if self._refresher is None:
+            return await work
+        with self._refresher.busy():
+            return await work
 
     def _chain(self, tokens: torch.Tensor, salt: str | None) -> tuple[torch.Tensor, torch.Tensor, list[Group]] | None:
         """The query trimmed to whole groups, its ids and its groups; ``None`` if shorter than one group."""
@@ -124,6 +149,9 @@ class AsyncVUA:
         failed upload raises :class:`~vua_s3.errors.StoreError`; groups already written stay
         valid.
         """
+        return await self._quietly(self._put(tokens, kvcache, salt, heads))
+
+    async def _put(self, tokens: torch.Tensor, kvcache: KVCache, salt: str | None, heads: HeadRange | None) -> int:
         rows = inputs.token_rows(tokens)
         inputs.kvcache(kvcache, rows)
         held = inputs.held_heads(kvcache, heads)
@@ -185,12 +213,13 @@ class AsyncVUA:
             checks.flag("pinned", pinned)
         place = torch.device(device)
         if isinstance(tokens, torch.Tensor):
-            return await self._policy.guarded("get_closest", self._get_one(tokens, place, salt, heads, pinned), None)
+            return await self._quietly(
+                self._policy.guarded("get_closest", self._get_one(tokens, place, salt, heads, pinned), None)
+            )
         if not isinstance(tokens, Sequence) or not all(isinstance(t, torch.Tensor) for t in tokens):
             raise TypeError("tokens must be a tensor or a list of tensors")
-        return await gather_or_cancel(
-            *(self._policy.guarded("get_closest", self._get_one(t, place, salt, heads, pinned), None) for t in tokens)
-        )
+        each = (self._policy.guarded("get_closest", self._get_one(t, place, salt, heads, pinned), None) for t in tokens)
+        return await self._quietly(gather_or_cancel(*each))
 
     async def _get_one(
         self, tokens: torch.Tensor, device: torch.device, salt: str | None, heads: HeadRange | None, pinned: bool | None
@@ -226,7 +255,7 @@ class AsyncVUA:
         load), else the group's head 0 alone. Like :meth:`get_closest`, an outage of the
         store gives 0 unless ``strict``.
         """
-        return await self._policy.guarded("lookup", self._lookup(tokens, salt, heads), 0)
+        return await self._quietly(self._policy.guarded("lookup", self._lookup(tokens, salt, heads), 0))
 
     async def _lookup(self, tokens: torch.Tensor, salt: str | None, heads: HeadRange | None) -> int:
         found = self._chain(tokens, salt)
@@ -246,7 +275,7 @@ class AsyncVUA:
         """The object sizes of the stored groups of ``tokens`` from ``first_group`` on, up to
         the first missing one: a lookup that skips the groups the caller holds itself and
         tells :meth:`load_groups` what to fetch without probing again."""
-        return await self._groups.stored_sizes(tokens, salt, first_group, heads)
+        return await self._quietly(self._groups.stored_sizes(tokens, salt, first_group, heads))
 
     async def load_group(
         self, tokens: torch.Tensor, number: int, heads: HeadRange, out: torch.Tensor, *, salt: str | None = None
@@ -260,7 +289,7 @@ class AsyncVUA:
         is missing or unusable; ``out`` then holds a mix. Outages are handled as in
         :meth:`get_closest`.
         """
-        return await self._groups.load_group(tokens, number, heads, out, salt)
+        return await self._quietly(self._groups.load_group(tokens, number, heads, out, salt))
 
     async def load_groups(
         self,
@@ -283,7 +312,7 @@ class AsyncVUA:
         groups from ``first_group`` were fetched, checked and placed; every call to
         ``place`` has returned by then, also on error, timeout or cancellation.
         """
-        return await self._groups.load_groups(tokens, first_group, place, sizes, salt, pinned, heads)
+        return await self._quietly(self._groups.load_groups(tokens, first_group, place, sizes, salt, pinned, heads))
 
     async def put_groups(
         self,
@@ -299,10 +328,12 @@ class AsyncVUA:
         :func:`~vua_s3.keys.token_ids`) whose KV is ``kvcache`` row 0, holding tokens from
         ``kv_start`` on and the KV heads ``heads`` (default: all); concurrently, without
         probing first. For a tensor-parallel rank ``heads`` is :func:`vua_s3.shards.rank_writes`."""
-        await self._groups.put_groups(ids, kvcache, groups, kv_start, salt, heads)
+        await self._quietly(self._groups.put_groups(ids, kvcache, groups, kv_start, salt, heads))
 
     async def close(self) -> None:
-        """Release the store's connections."""
+        """Release the store's connections (refreshes still out are cancelled)."""
+        if self._refresher is not None:
+            await self._refresher.close()
         await self._store.close()
 
     async def __aenter__(self) -> AsyncVUA:

@@ -95,4 +95,12 @@ locals {
   ])
   bucket_url = "s3://${var.bucket_name}/${var.prefix}"
   vua_s3_url = "${local.bucket_url}?${local.vua_s3_query}"
+
+  # Expiry by use (docs/operations.md): readers re-stamp what they read once it is
+  # refresh_after old, so the lifecycle rule's ttl_days counts from the last use. The
+  # outputs carry the value, so what the readers run with pairs with the rule.
+  refresh_after_hours   = coalesce(var.refresh_after_hours, var.ttl_days * 3)
+  refresh_after_seconds = local.refresh_after_hours == 0 ? null : local.refresh_after_hours * 3600
+  refresh_pairing_ok    = local.refresh_after_hours * 4 <= var.ttl_days * 24
+  vua_options           = local.refresh_after_seconds == null ? {} : { refresh_after = local.refresh_after_seconds }
 }

@@ -30,13 +30,24 @@ variable "prefix" {
 }
 
 variable "ttl_days" {
-  description = "Days after an object's creation (its last write) at which the VAST lifecycle rule expires cache fragments under the prefix."
+  description = "Days after an object's last modification at which the VAST lifecycle rule expires cache fragments under the prefix: its last write, or its last use where readers refresh what they read (refresh_after_hours)."
   type        = number
   default     = 7
 
   validation {
     condition     = var.ttl_days > 0 && floor(var.ttl_days) == var.ttl_days
     error_message = "ttl_days must be a whole number greater than 0."
+  }
+}
+
+variable "refresh_after_hours" {
+  description = "Hours after which vua_s3 readers re-stamp the fragments they read (vua_s3's refresh_after), so ttl_days counts from an object's last use instead of its last write. Null: ttl_days x 3 hours (an eighth of ttl_days). 0: off, fragments expire by their last write. At most a quarter of ttl_days: an object is re-stamped up to twice refresh_after after its last re-stamp, so it expires between ttl_days - 2 x refresh_after and ttl_days after its last read."
+  type        = number
+  default     = null
+
+  validation {
+    condition     = var.refresh_after_hours == null || try(var.refresh_after_hours >= 0, false)
+    error_message = "refresh_after_hours must be null (an eighth of ttl_days), 0 (off) or a positive number of hours."
   }
 }
 

@@ -621,6 +621,7 @@ AWS_BAD = [
     ("prefix", "a//b"),
     ("kms_key_arn", "alias/my-key"),
     ("iam_policy_path", "no-slashes"),
+    ("refresh_after_hours", -1),
 ]
 
 
@@ -643,6 +644,7 @@ VAST_BAD = [
     ("ca_bundle", "relative/ca.pem"),
     ("view_path", "/trailing/"),
     ("service_user_uid", 0),
+    ("refresh_after_hours", -1),
 ]
 
 
@@ -670,6 +672,24 @@ def test_good_values_are_accepted(aws_renderer: Renderer, vast_renderer: Rendere
         {**VAST_VARS, "endpoint": "[fd00::5]:8443", "bucket_name": "kv.cache"},
     )
     assert vast == {"p": "/kv.cache", "o": "vua-s3"}
+
+
+@needs_terraform
+@pytest.mark.parametrize("module", MODULES, ids=lambda m: m.name)
+def test_refresh_after_pairs_with_ttl_days(module: Path, aws_renderer: Renderer, vast_renderer: Renderer) -> None:
+    """The readers' refresh_after comes from the module, an eighth of ttl_days unless set;
+    more than a quarter fails the plan (the output's precondition)."""
+    renderer, base = (aws_renderer, AWS_VARS) if module == AWS else (vast_renderer, VAST_VARS)
+    names = {"s": "local.refresh_after_seconds", "ok": "local.refresh_pairing_ok", "o": "local.vua_options"}
+    assert renderer.eval(names, base) == {"s": 75600, "ok": True, "o": {"refresh_after": 75600}}
+    assert renderer.eval(names, {**base, "ttl_days": 30, "refresh_after_hours": 0}) == {"s": None, "ok": True, "o": {}}
+    assert renderer.eval(names, {**base, "refresh_after_hours": 42})["ok"] is True
+    assert renderer.eval(names, {**base, "refresh_after_hours": 43})["ok"] is False
+    outputs = _blocks(module, "output")
+    assert _one(outputs["refresh_after"]["precondition"])["condition"] == "${local.refresh_pairing_ok}"
+    assert outputs["refresh_after"]["value"] == "${local.refresh_after_seconds}"
+    assert outputs["vua_options"]["value"] == "${local.vua_options}"
+    assert "local.vua_options" in str(outputs["vllm_kv_transfer_config"]["value"])
 
 
 # ==========================================================================

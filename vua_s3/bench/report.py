@@ -134,6 +134,8 @@ def format_report(report: dict[str, Any]) -> str:
     cached = vua_r["put_stored_cached"]
     requests = ", ".join(f"{v} {k}" for k, v in sorted(cached["requests"].items())) or "no requests"
     lines.append(f"{'put (stored, cached)':<26}{_latency(cached):>32}{'':>32}{'':>8}  {requests}")
+    if "refresh" in report:
+        lines += _refresh_lines(report["refresh"], ratios["get_refresh_due_vs_off"])
     lines += ["", f"{'same objects, other client':<40}{'throughput':>32}{'CPU s/GiB':>12}{'vua_s3 / it':>14}"]
     for client, figures in report["clients"].items():
         rows: list[tuple[str, str, str | None]] = [
@@ -164,6 +166,19 @@ def format_report(report: dict[str, Any]) -> str:
             cold = posix["vua"]["get_cold"]
             lines.append(f"{'get_closest, new process':<26}{_rate(cold):>32}{'':>32}{'':>32}{'':>20}{_cpu(cold):>28}")
     return "\n".join(lines)
+
+
+def _refresh_lines(refresh: dict[str, Any], ratio: float) -> list[str]:
+    """A load with every object due for a refresh beside the same load with refreshes off."""
+    cpu, copies = refresh["cpu_ms_per_group"], refresh["copies_per_group"]
+    return [
+        "",
+        f"{'refresh_after=' + format(refresh['refresh_after'], 'g') + ' s':<26}{'refresh due':>32}"
+        f"{'refresh off':>32}{'ratio':>8}",
+        f"{'get_closest -> cpu':<26}{_latency(refresh['get_due']):>32}{_latency(refresh['get_off']):>32}{ratio:>7.2f}x",
+        f"{'per hit group':<26}{max(copies):>21g} copies{cpu['median']:>19.2f} ms CPU "
+        f"[{cpu['min']:.2f}-{cpu['max']:.2f}]; their wait after the load {_latency(refresh['background'])}",
+    ]
 
 
 def _loads(values: list[float] | None) -> str:

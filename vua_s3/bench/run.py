@@ -43,6 +43,7 @@ from ..vua import ClosestKV
 from .baseline import Floor, floor_get, floor_put
 from .clients import CrtClient, TransferClient
 from .posix import OriginalVUA, file_get, file_put
+from .refresh import RefreshBench
 from .report import Sample, describe_machine, summarize
 
 _T = TypeVar("_T")
@@ -81,6 +82,8 @@ class BenchOptions:
     """Where the POSIX rows run (a fresh directory is made inside); ``None``: /dev/shm, else the temp dir."""
     posix: bool = True
     cold: bool = True
+    refresh: bool = False
+    """Also a load with refreshes due beside one without (``bench/refresh.py``)."""
 
 
 class _Progress:
@@ -142,7 +145,7 @@ def run_bench(options: BenchOptions) -> dict[str, Any]:
     groups = n // options.split_factor
     moved = shape.bytes_per_token * n * batch
     devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
-    steps = options.repeats * (22 + len(devices) * 2) + 1
+    steps = options.repeats * (22 + len(devices) * 2 + 3 * options.refresh) + 1
     progress = _Progress(options.progress, steps)
     load_start = os.getloadavg()
     vua_options = {} if options.max_inflight is None else {"max_inflight": options.max_inflight}
@@ -156,9 +159,14 @@ def run_bench(options: BenchOptions) -> dict[str, Any]:
             with VUA(cfg, store, **vua_options) as vua:
                 loop.run(floor.open())
                 clients = _Clients(floor.store, session, loop)
+                refresh = RefreshBench(cfg, url, session, loop, vua_options) if options.refresh else None
                 try:
-                    report = _measure(vua, floor, clients, loop, counter, tokens, kv, devices, options, progress, url)
+                    report = _measure(
+                        vua, floor, clients, loop, counter, tokens, kv, devices, options, progress, url, refresh
+                    )
                 finally:
+                    if refresh is not None:
+                        refresh.close()
                     clients.close()
                     loop.run(floor.close())
                     loop.stop()
@@ -231,6 +239,7 @@ def _measure(
     options: BenchOptions,
     progress: _Progress,
     url: str,
+    refresh: RefreshBench | None,
 ) -> dict[str, Any]:
     cfg = vua.config()
     batch, n = tokens.shape
@@ -274,6 +283,7 @@ def _measure(
         client_keys = [f"clients/{salt}/{i}" for i in range(len(sizes))]
         forget()
         checks["put_written"] = timed("put_cold", vua.put, tokens, kv, salt=salt)
+        written = time.time()
         timed("floor_put", loop.run, floor_put(floor, floor_keys, bodies))
         timed("s3transfer_put", clients.transfer.put, client_keys, whole)
         if clients.crt is not None:
@@ -301,17 +311,22 @@ def _measure(
         for _ in range(3):
             timed("floor_head", loop.run, floor.head(floor_keys[0]))
             timed("floor_list", loop.run, floor.list(group_heads))
+        if refresh is not None:
+            for name, sample in refresh.measure(rows, salt, written, rep).items():
+                record(f"refresh_{name}", sample)
         loop.run(floor.delete(floor_keys + client_keys))
         loop.run(_delete(floor.store, [k for row in rows for k in cfg.tokens_to_paths(row, salt=salt, kv_heads=heads)]))
     posix_dir = _measure_posix(cfg, tokens, kv, whole, sizes, options, timed, record, checks) if options.posix else None
 
     report: dict[str, Any] = {"vua": {}, "floor": {}, "clients": {}, "posix": {}, "ratios": {}, "checks": checks}
+    if refresh is not None:
+        report["refresh"] = refresh.summary(groups=batch * (n // cfg.split_factor))
     for name, samples in results.items():
         section, label = _section(name)
         figure = summarize(samples, moved if _moves_data(label) else 0)
-        if section != "vua":
+        if section not in ("vua", "refresh"):
             del figure["requests"]  # counted on vua_s3's store only
-        target = report[section] if section in ("vua", "floor") else report[section.split("/")[0]]
+        target = report[section] if section in ("vua", "floor", "refresh") else report[section.split("/")[0]]
         if "/" in section:
             target = target.setdefault(section.split("/")[1], {})
         target[label] = figure
@@ -331,6 +346,7 @@ def _section(name: str) -> tuple[str, str]:
         ("posixvua_", "posix/vua"),
         ("posixfloor_", "posix/floor"),
         ("original_", "posix/original"),
+        ("refresh_", "refresh"),
     ):
         if name.startswith(prefix):
             return section, name.removeprefix(prefix)
@@ -363,6 +379,9 @@ def _ratios(report: dict[str, Any], devices: list[str]) -> dict[str, float]:
         listing = floor_r["list"]["seconds"]["median"]
         for kind in ("full", "half", "miss", "long"):
             ratios[f"lookup_{kind}_vs_list"] = vua_r[f"lookup_{kind}"]["seconds"]["median"] / listing
+    if "refresh" in report:
+        due, off = report["refresh"]["get_due"], report["refresh"]["get_off"]
+        ratios["get_refresh_due_vs_off"] = due["seconds"]["median"] / off["seconds"]["median"]
     if posix:
         for verb in ("put", "get"):
             ratios[f"posix_{verb}_vs_floor"] = rate(posix["vua"][verb]) / rate(posix["floor"][verb])

@@ -51,6 +51,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--posix-dir", help="where the POSIX rows run (default /dev/shm, else the temp dir)")
     p.add_argument("--no-posix", action="store_true", help="skip the POSIX rows")
     p.add_argument("--no-cold", action="store_true", help="skip the new-process get_closest")
+    p.add_argument(
+        "--refresh", action="store_true", help="also a load with refreshes due (refresh_after) beside one without"
+    )
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--json", action="store_true", help="print the report as JSON, nothing else")
 
@@ -90,6 +93,7 @@ def bench(args: argparse.Namespace) -> int:
         posix_dir=args.posix_dir,
         posix=not args.no_posix,
         cold=not args.no_cold,
+        refresh=args.refresh,
     )
     report = run_bench(options)
     print(json.dumps(report, indent=2) if args.json else format_report(report))

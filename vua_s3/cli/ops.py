@@ -25,7 +25,10 @@ def add_parsers(sub: Any) -> None:
     p.add_argument("url", help=LOCATION_HELP)
     p.add_argument("--older-than", type=age, help="age such as 7d, 12h, 30m (units s m h d w)")
     p.add_argument(
-        "--max-bytes", type=size, help="then delete the least recently written until fragments fit, e.g. 500GiB"
+        "--max-bytes",
+        type=size,
+        help="then delete the least recently modified (written, or read with refresh_after) until fragments fit, "
+        "e.g. 500GiB",
     )
     p.add_argument("--per-namespace", action="store_true", help="--max-bytes applies to each namespace")
     p.add_argument(

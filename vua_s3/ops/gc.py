@@ -1,6 +1,8 @@
 """``gc``: expire old fragments and keep a store under a byte cap. It only touches keys of the
 fragment layout and re-checks each one right before deleting it, so it is safe while other
-clients read and write (a race costs a cache miss, never wrong data)."""
+clients read and write (a race costs a cache miss, never wrong data). Ages are last-modified
+times: the last write, or the last use where readers refresh what they load
+(``refresh_after``), which makes the cap evict the least recently used."""
 
 from __future__ import annotations
 
@@ -27,7 +29,8 @@ class GcReport:
     expired: int = 0
     """Fragments older than the cutoff."""
     over_cap: int = 0
-    """Fragments chosen to bring the store under ``max_bytes``, oldest written first."""
+    """Fragments chosen to bring the store under ``max_bytes``, least recently modified (written,
+    or refreshed by a reader) first."""
     deleted: int = 0
     bytes_freed: int = 0
     bytes_kept: int = 0
@@ -56,13 +59,15 @@ async def gc(
 ) -> GcReport:
     """Delete fragments last modified more than ``older_than`` seconds ago, then, while the
     fragments left take more than ``max_bytes`` (in all, or in each namespace with
-    ``per_namespace``), the least recently written ones.
+    ``per_namespace``), the least recently modified ones.
 
-    S3 uses LastModified, POSIX the file mtime. Only keys of the fragment layout are
-    touched. Each candidate is probed again right before its batch is deleted, so a
-    fragment rewritten meanwhile by another client is kept. Incomplete writes begun more
-    than ``stale_after`` seconds ago (default: ``older_than``, else an hour) are removed
-    too: S3 multipart uploads and POSIX temporary files left by crashed writers.
+    S3 uses LastModified, POSIX the file mtime: the last write, or the last use where readers
+    refresh what they load (``refresh_after``), so the cap then evicts the least recently used.
+    Only keys of the fragment layout are touched. Each candidate is probed again right before
+    its batch is deleted, so a fragment rewritten or refreshed meanwhile by another client is
+    kept. Incomplete writes begun more than ``stale_after`` seconds ago (default:
+    ``older_than``, else an hour) are removed too: S3 multipart uploads and POSIX temporary
+    files left by crashed writers.
     """
     for name, value in (("older_than", older_than), ("max_bytes", max_bytes), ("stale_after", stale_after)):
         if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0):
@@ -95,7 +100,7 @@ async def gc(
         if max_bytes is not None:
             over = _over_cap(kept, max_bytes, per_namespace)
             report.over_cap = len(over)
-            # A fragment written again since the listing is recent now: it stays.
+            # A fragment written or refreshed since the listing is recent now: it stays.
             gone = await _delete(
                 store, over, lambda listed, now: now.last_modified <= listed.last_modified, report, progress
             )
@@ -109,7 +114,7 @@ async def gc(
 
 
 def _over_cap(fragments: list[ObjectInfo], max_bytes: int, per_namespace: bool) -> list[ObjectInfo]:
-    """The least recently written fragments whose removal brings each pool (the whole store,
+    """The least recently modified fragments whose removal brings each pool (the whole store,
     or each namespace) to at most ``max_bytes``."""
     pools: dict[str, list[ObjectInfo]] = defaultdict(list)
     for info in fragments:

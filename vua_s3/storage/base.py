@@ -5,6 +5,9 @@ A backend maps relative keys (``keys.py``) to objects. Contract:
 * ``put`` is atomic: a reader sees all of an object or nothing, and concurrent puts
   of the same key are safe (last writer wins; vua_s3 writes identical bytes).
 * ``head_many`` and ``head_siblings`` are one concurrent wave, never one request after another.
+* ``refresh`` moves an object's last-modified time to now and changes nothing else: its bytes,
+  what its writer set and its checksum stay; racing a delete or a rewrite it leaves the old
+  object, the new one or none, never a mix.
 * A missing key is ``None`` from ``head_many``/``head_siblings`` and :class:`ObjectNotFoundError` from
   ``get``; refused access is :class:`AccessDeniedError`; anything else that fails is
   :class:`StoreError`. A miss is never reported as an error, nor an error as a miss.
@@ -19,7 +22,7 @@ from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 
-from ..errors import SizeMismatchError
+from ..errors import SizeMismatchError, StoreError
 
 Buffer = bytes | bytearray | memoryview
 
@@ -80,6 +83,15 @@ class Store(ABC):
             answers.append(flat[at : at + len(keys)])
             at += len(keys)
         return answers
+
+    async def refresh(self, key: str, written_before: float) -> bool:
+        """Stamp ``key`` as last modified now, if it was last modified at or before
+        ``written_before`` (seconds since the epoch; S3 compares to the second): so expiry by
+        last write (lifecycle rules, ``gc``) counts from the last use. ``False``, and nothing
+        done, if it was modified later (another reader refreshed it, a writer rewrote it) or
+        is gone: a refresh never creates an object. Backends that cannot keep the default,
+        which refuses."""
+        raise StoreError(f"{type(self).__name__} at {self.url} cannot refresh objects")
 
     @abstractmethod
     async def delete(self, key: str) -> None:

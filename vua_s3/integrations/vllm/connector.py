@@ -144,7 +144,13 @@ class VUAS3Connector(KVConnectorBase_V1):  # type: ignore[misc]
         """An AsyncVUA on the shared store (closed once, by :meth:`shutdown`)."""
         config = VUAConfig(split_factor=self._settings.split_factor, namespace=stage.namespace, identity=stage.identity)
         # strict: the connector reports store failures itself and recovers each request.
-        return AsyncVUA(config, self._store, max_inflight=self._settings.max_inflight, strict=True, timeout=timeout)
+        vua = AsyncVUA(
+            config, self._store, max_inflight=self._settings.max_inflight, strict=True, timeout=timeout,
+            refresh_after=self._settings.refresh_after,
+        )  # fmt: skip
+        if vua.refresher is not None:
+            vua.refresher.report = self._stats.add  # refreshes, refresh_failures
+        return vua
 
     @property
     def requires_kv_delivery(self) -> bool:

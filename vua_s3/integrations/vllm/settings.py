@@ -7,7 +7,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from ...checks import positive_int, positive_seconds
+from ...checks import optional_seconds, positive_int, positive_seconds
 from ...config import DEFAULT_SPLIT_FACTOR
 
 if TYPE_CHECKING:
@@ -33,6 +33,8 @@ class ConnectorSettings:
     breaker_backoff_s: float = 10.0
     breaker_max_backoff_s: float = 300.0
     load_failure_policy: str = "recompute"
+    refresh_after: float | None = None
+    """Seconds: loads re-stamp what they read once older (``AsyncVUA(refresh_after=)``); off by default."""
 
     @classmethod
     def from_extra_config(cls, extra: dict[str, Any]) -> ConnectorSettings:
@@ -52,6 +54,7 @@ class ConnectorSettings:
         for name in ("flush_timeout_s", "lookup_timeout_s", "load_timeout_s", "breaker_backoff_s",
                      "breaker_max_backoff_s"):  # fmt: skip
             positive_seconds(f"{CONNECTOR_NAME}: {name}", getattr(settings, name))
+        optional_seconds(f"{CONNECTOR_NAME}: refresh_after", settings.refresh_after)
         if settings.load_failure_policy not in ("recompute", "fail"):
             raise ValueError(f"{CONNECTOR_NAME}: load_failure_policy must be 'recompute' or 'fail'")
         return settings

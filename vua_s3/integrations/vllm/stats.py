@@ -29,6 +29,8 @@ METRICS: dict[str, tuple[str, str]] = {
     "store_seconds": ("counter", "Time uploads took, from capture to the last fragment, summed"),
     "store_failures": ("counter", "Uploads that failed (the groups were not stored)"),
     "dropped_saves": ("counter", "Saves dropped because the upload backlog was full"),
+    "refreshes": ("counter", "Refresh requests for fragments loads read (refresh_after), counted once answered"),
+    "refresh_failures": ("counter", "Refreshes that failed (those fragments expire by their last write)"),
     "backlog_bytes": ("gauge", "KV bytes captured and not yet uploaded"),
 }
 

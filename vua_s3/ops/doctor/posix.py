@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import contextlib
 import os
+import time
 import uuid
 
+from ...storage import ObjectInfo
 from ...storage.posix import FILE_MODE, PosixStore
 from .common import FAIL, PASS, WARN, Check, fragment_round_trip
+from .refresh import refresh_check
 
 
 async def posix_checks(store: PosixStore) -> list[Check]:
@@ -25,6 +28,7 @@ async def posix_checks(store: PosixStore) -> list[Check]:
         await store.delete(key)
         checks.append(Check("delete", PASS, "scratch file removed"))
         checks.append(await fragment_round_trip(store, cleanup=lambda keys: _remove_empty_directories(store, keys)))
+        checks.append(await _refresh(store, key + "-refresh"))
     except Exception as exc:
         checks.append(Check("access", FAIL, str(exc), f"let this user create files under {store.root}"))
     finally:
@@ -35,6 +39,22 @@ async def posix_checks(store: PosixStore) -> list[Check]:
     free = usage.f_bavail * usage.f_frsize
     checks.append(Check("free space", PASS if free > 1 << 30 else WARN, f"{free / (1 << 30):.1f} GiB", "free space"))
     return checks
+
+
+async def _refresh(store: PosixStore, key: str) -> Check:
+    """What ``refresh_after`` needs: the file's mtime set (it is made an hour old first), its
+    bytes, mode and owner kept."""
+
+    async def age(info: ObjectInfo) -> None:
+        then = time.time() - 3600
+        os.utime(store.root / key, (then, then), follow_symlinks=False)
+
+    def describe(key: str) -> dict[str, object]:
+        st = os.stat(store.root / key, follow_symlinks=False)
+        return {"mode": oct(st.st_mode), "owner": st.st_uid}
+
+    fix = "refresh files as their owner (the writer's user) or make them writable to the readers' group"
+    return await refresh_check(store, key, age, describe, denied_fix=fix)
 
 
 async def _remove_empty_directories(store: PosixStore, keys: list[str]) -> None:

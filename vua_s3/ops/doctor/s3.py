@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import ipaddress
 import os
+import time
 import uuid
 from collections.abc import Callable
 from typing import Any
@@ -16,9 +17,11 @@ from botocore.exceptions import BotoCoreError, ClientError, SSLError
 from botocore.exceptions import ConnectionError as BotoConnectionError
 
 from ... import logsafe
+from ...storage import ObjectInfo
 from ...storage.s3 import S3Store
 from ...storage.s3.errors import CHECKSUM_REFUSALS, DENIED, NO_BUCKET, NOT_FOUND, PRECONDITION_FAILED, error_code
 from .common import FAIL, PASS, SKIP, WARN, Check, fragment_round_trip
+from .refresh import refresh_check
 
 
 def s3_checks(store: S3Store) -> list[Check]:
@@ -39,7 +42,8 @@ class _S3Doctor:
     def __init__(self, store: S3Store) -> None:
         self.store = store
         self.bucket = store.bucket
-        self.scratch = store.object_key(f".vua-doctor/{uuid.uuid4().hex}")
+        self.key = f".vua-doctor/{uuid.uuid4().hex}"
+        self.scratch = store.object_key(self.key)
         self.payload = os.urandom(64 << 10)
         self.checks: list[Check] = []
 
@@ -82,6 +86,10 @@ class _S3Doctor:
             else:
                 status, detail = (WARN, detail[5:]) if detail.startswith("warn:") else (PASS, detail)
                 self.checks.append(Check(name, status, detail, fix if status == WARN else ""))
+        if all(c.status in (PASS, WARN) for c in self.checks if c.name in ("put", "get")):
+            self.checks.append(asyncio.run(self._refresh(client)))
+        else:
+            self.checks.append(Check("refresh", SKIP, "needs put and get"))
         self._cleanup(client)
         if all(c.status in (PASS, WARN) for c in self.checks if c.name in ("put", "get", "delete")):
             fix = "grant s3:ListBucket on the bucket for the cache prefix: a lookup lists each group's objects"
@@ -103,7 +111,8 @@ class _S3Doctor:
         self.checks.append(Check(name, FAIL, detail, fix))
 
     def _skip_rest(self) -> list[Check]:
-        names = ("put", "head", "get", "ranged get", "multipart", "conditional put", "checksums", "delete", "fragments")
+        names = ["put", "head", "get", "ranged get", "multipart", "conditional put", "checksums", "delete"]
+        names += ["refresh", "fragments"]
         for name in names:
             self.checks.append(Check(name, SKIP, "needs the checks above"))
         return self.checks
@@ -282,8 +291,30 @@ class _S3Doctor:
             raise
         return "warn:the object is still there after DELETE"
 
+    async def _refresh(self, client: Any) -> Check:
+        """What ``refresh_after`` needs: a copy onto itself that moves last-modified (a second
+        or two of waiting: S3 counts whole seconds) and keeps encryption, ETag and checksum."""
+
+        async def age(info: ObjectInfo) -> None:
+            await asyncio.sleep(max(0.0, info.last_modified + 2 - time.time()))
+
+        def describe(key: str) -> dict[str, Any]:
+            head = client.head_object(
+                Bucket=self.bucket, Key=self.store.object_key(key), ChecksumMode="ENABLED",
+                **self.store.sse_params("HeadObject"),
+            )  # fmt: skip
+            kept = ("ETag", "ServerSideEncryption", "SSEKMSKeyId", "SSECustomerAlgorithm", "Metadata")
+            return {name: value for name, value in head.items() if name in kept or name.startswith("Checksum")}
+
+        objects = f"arn:aws:s3:::{self.bucket}/{self.store.prefix}*"
+        fix = f"grant s3:GetObject and s3:PutObject on {objects} (a refresh is a CopyObject)"
+        try:
+            return await refresh_check(self.store, self.key + "-refresh", age, describe, denied_fix=fix)
+        finally:
+            await self.store.close()
+
     def _cleanup(self, client: Any) -> None:
         """Scratch keys go even when a check failed half-way."""
-        for key in (self.scratch, self.scratch + "-multipart", self.scratch + "-checksum"):
+        for key in (self.scratch, self.scratch + "-multipart", self.scratch + "-checksum", self.scratch + "-refresh"):
             with contextlib.suppress(ClientError, BotoCoreError):  # the failed check already says why
                 client.delete_object(Bucket=self.bucket, Key=key)

@@ -11,7 +11,7 @@ from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 from urllib.parse import unquote, urlsplit
 
-from ...errors import InvalidKeyError, InvalidLocationError, SizeMismatchError, StoreError
+from ...errors import InvalidKeyError, InvalidLocationError, ObjectNotFoundError, SizeMismatchError, StoreError
 from ...loop import in_thread
 from ..base import Buffer, ObjectInfo, Store
 from .errors import is_absent, mapped
@@ -132,6 +132,28 @@ class PosixStore(Store):
         if stat.S_ISLNK(st.st_mode):
             return None
         return ObjectInfo(key=key, size=st.st_size, last_modified=st.st_mtime)
+
+    async def refresh(self, key: str, written_before: float) -> bool:
+        return await in_thread(self._touch, key, self._path(key), written_before)
+
+    def _touch(self, key: str, path: Path, written_before: float) -> bool:
+        """The file's mtime set to now through a descriptor (no link followed; a file renamed
+        over it meanwhile is not touched, as the old one is what was opened). Setting it
+        takes ownership of the file or write permission on it (``docs/operations.md``)."""
+        try:
+            with mapped("refreshing", path, absent=True):
+                fd = open_nofollow(self.root, key, os.O_RDONLY)
+        except ObjectNotFoundError:
+            return False
+        try:
+            with mapped("refreshing", path):
+                st = os.fstat(fd)
+                if not stat.S_ISREG(st.st_mode) or st.st_mtime > written_before:
+                    return False
+                os.utime(fd)
+                return True
+        finally:
+            os.close(fd)
 
     async def delete(self, key: str) -> None:
         path = self._path(key)

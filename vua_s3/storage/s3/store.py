@@ -11,10 +11,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import math
 import os
 from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import replace
+from datetime import datetime, timezone
 from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
@@ -30,10 +32,12 @@ from ..base import Buffer, ObjectInfo, Store
 from .body import SegmentBody, cut, receive
 from .crt import CrtTransport
 from .direct_probe import DirectProbe
-from .errors import map_error
+from .errors import PRECONDITION_FAILED, error_code, map_error
 from .settings import SSE_C_OPERATIONS, SSE_WRITES, S3Settings, crt_installed, sse_c_key
 
 _T = TypeVar("_T")
+#: What a refresh sets the Content-Type to, as the awscrt writer does (``crt.py``); no reader checks it.
+CONTENT_TYPE = "application/octet-stream"
 
 
 class _LoopClient:
@@ -392,6 +396,40 @@ class S3Store(Store):
             if not listed.get("IsTruncated") or all(answer is not None for answer in answers):
                 return answers
             params["ContinuationToken"] = listed["NextContinuationToken"]
+
+    async def refresh(self, key: str, written_before: float) -> bool:
+        """A copy of the object onto itself, done by the server (no bytes through the client),
+        with the metadata replaced by what the writers set (none but the Content-Type) and the
+        store's encryption sent again, as a replaced copy would otherwise take the bucket's
+        default. The copy is conditional (``x-amz-copy-source-if-unmodified-since``, to the
+        second): an object written or refreshed since is left alone (412). Copying onto
+        itself is atomic per key; a deleted source is a 404, so nothing is resurrected."""
+        name = self.object_key(key)
+        params: dict[str, Any] = {
+            "Bucket": self.bucket,
+            "Key": name,
+            "CopySource": {"Bucket": self.bucket, "Key": name},
+            "MetadataDirective": "REPLACE",
+            "ContentType": CONTENT_TYPE,
+            "CopySourceIfUnmodifiedSince": datetime.fromtimestamp(math.ceil(written_before), timezone.utc),
+            **self.sse_params("PutObject"),
+        }
+        if self._sse_c_key is not None:
+            params |= {"CopySourceSSECustomerAlgorithm": "AES256", "CopySourceSSECustomerKey": self._sse_c_key}
+
+        async def copy(client: Any) -> bool:
+            try:
+                await client.copy_object(**params)
+            except ClientError as exc:
+                if error_code(exc) in PRECONDITION_FAILED:
+                    return False
+                raise
+            return True
+
+        try:
+            return await self._call("copy_object", key, copy)
+        except ObjectNotFoundError:
+            return False
 
     async def delete(self, key: str) -> None:
         await self._call("delete_object", key, lambda c: c.delete_object(Bucket=self.bucket, Key=self.object_key(key)))

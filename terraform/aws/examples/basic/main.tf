@@ -56,6 +56,11 @@ output "policy_arn" {
   value       = module.kv_cache.policy_arn
 }
 
+output "refresh_after" {
+  description = "Seconds for VUA(..., refresh_after=...): reads re-stamp what they read, so fragments expire by last use."
+  value       = module.kv_cache.refresh_after
+}
+
 output "vllm_kv_transfer_config" {
   description = "Value for vllm serve --kv-transfer-config."
   value       = module.kv_cache.vllm_kv_transfer_config

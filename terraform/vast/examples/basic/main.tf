@@ -67,6 +67,11 @@ output "secret_access_key" {
   sensitive   = true
 }
 
+output "refresh_after" {
+  description = "Seconds for VUA(..., refresh_after=...): reads re-stamp what they read, so fragments expire by last use."
+  value       = module.kv_cache.refresh_after
+}
+
 output "vllm_kv_transfer_config" {
   description = "Value for vllm serve --kv-transfer-config."
   value       = module.kv_cache.vllm_kv_transfer_config
