@@ -52,6 +52,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-posix", action="store_true", help="skip the POSIX rows")
     p.add_argument("--no-cold", action="store_true", help="skip the new-process get_closest")
     p.add_argument("--repeats", type=int, default=5)
+    p.add_argument(
+        "--long-tokens",
+        type=positive_int,
+        help="also measure one prompt this long (e.g. 32768: 4 GiB of KV for llama3-8b, about 10 GiB of memory)",
+    )
+    p.add_argument("--long-repeats", type=positive_int, default=2, help="repeats of the long prompt's rows")
     p.add_argument("--json", action="store_true", help="print the report as JSON, nothing else")
 
 
@@ -90,6 +96,8 @@ def bench(args: argparse.Namespace) -> int:
         posix_dir=args.posix_dir,
         posix=not args.no_posix,
         cold=not args.no_cold,
+        long_tokens=args.long_tokens,
+        long_repeats=args.long_repeats,
     )
     report = run_bench(options)
     print(json.dumps(report, indent=2) if args.json else format_report(report))
