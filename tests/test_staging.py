@@ -192,3 +192,24 @@ def test_fresh_memory_is_huge_page_backed_where_the_kernel_allows() -> None:
     tensor = memory.empty_bytes(8 << 20)
     tensor.fill_(7)
     assert _huge_pages_at(tensor.data_ptr()) >= 2048  # at least one 2 MiB page (the kernel may fall back on others)
+
+
+def test_get_closest_returns_huge_page_backed_memory_that_outlives_the_loads(tmp_path: Path) -> None:
+    if "[never]" in Path("/sys/kernel/mm/transparent_hugepage/enabled").read_text():
+        pytest.skip("transparent huge pages are off")
+    kv = random_kvcache(layers=8, seq_len=4 * SPLIT * 16, heads=2, head_dim=128, dtype=torch.float32)  # 16 MiB
+    tokens = torch.arange(4 * SPLIT * 16)
+
+    async def run() -> None:
+        async with AsyncVUA(CFG, tmp_path) as vua:
+            await vua.put(tokens, kv)
+            first = await vua.get_closest(tokens)
+            second = await vua.get_closest(tokens)  # the same pooled receive buffers again
+            assert first is not None and second is not None
+            key = first.data[0][0]
+            assert _huge_pages_at(key.data_ptr()) >= 2048
+            for got in (first, second):
+                for (k, v), (wk, wv) in zip(got.data, kv, strict=True):
+                    assert torch.equal(k, wk) and torch.equal(v, wv)
+
+    asyncio.run(run())
