@@ -54,16 +54,22 @@ def test_bench_json_has_every_figure_beside_its_floor(server: str, capsys, reque
         "lookup_half": 32,
         "lookup_miss": 0,
         "lookup_long": 64,  # 12 groups asked, the first 4 stored
+        "vllm_load_groups": 4,
         "posix_get_tokens": 64,
         "original_get_tokens": 64,
     }
     assert vua["lookup_long"]["requests"] == {"list_objects_v2": 6}  # the search (probe_waves=4), not 12 probes
     assert set(vua["get_cold"]) >= RATE  # a new process's first get_closest
-    assert set(floor["page_faults"]) >= RATE
+    assert set(floor["page_faults"]) >= RATE and set(floor["page_faults_huge"]) >= RATE
+    assert set(vua["vllm_load"]) >= RATE
+    # Server CPU beside client CPU where the server is a local process (SeaweedFS started by the
+    # test session counts as given by URL: not measured; moto runs inside the bench's process).
+    assert "server_cpu_s_per_gib" not in vua["get_cpu"]
     clients = report["clients"]
     assert set(clients) == ({"s3transfer", "awscrt"} if crt_installed() else {"s3transfer"})
     for client, figures in clients.items():
-        for name in ("put", "get", "get_reused") if client == "awscrt" else ("put", "get"):
+        awscrt = ("put", "get", "get_reused", "put_32mib", "get_32mib", "vllm_load")
+        for name in awscrt if client == "awscrt" else ("put", "get"):
             assert set(figures[name]) >= RATE and len(figures[name]["seconds"]["samples"]) == 2
     posix = report["posix"]
     for side, names in (("vua", ("put", "get", "get_cold")), ("floor", ("put", "get")), ("original", ("put", "get"))):
@@ -93,3 +99,19 @@ def test_bench_table_names_the_floor(capsys) -> None:  # type: ignore[no-untyped
     assert "floor (plain aioboto3)" in out and "get_closest -> cpu" in out and "lookup (miss)" in out
     assert "s3transfer put" in out and "page faults of fresh memory" in out and "original VUA" in out
     assert "machine:" in out
+
+
+def test_bench_on_its_own_seaweedfs_shows_server_cpu_and_the_long_prompt(seaweed_server, capsys) -> None:  # type: ignore[no-untyped-def]
+    """(The session's server only proves SeaweedFS is installed; the bench starts its own.)"""
+    argv = ["bench", "--server", "seaweedfs", "--model", "tiny", "--tokens", "32", "--split-factor", "16"]
+    argv += ["--repeats", "1", "--no-posix", "--no-cold", "--long-tokens", "64", "--long-repeats", "1", "--json"]
+    assert main(argv) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["server_cpu"] == "measured"
+    for figure in (report["vua"]["get_cpu"], report["vua"]["vllm_load"], report["clients"]["awscrt"]["put"]):
+        assert figure["server_cpu_s_per_gib"]["median"] >= 0
+    long = report["long"]
+    assert long["tokens"] == 64 and long["checks"] == {"put_written": 4, "get_cpu_tokens": 64, "vllm_load_groups": 4}
+    for name in ("put_cold", "get_cpu", "vllm_load"):
+        assert set(long["vua"][name]) >= RATE
+    assert set(long["ratios"]) == {"put_vs_awscrt", "get_cpu_vs_awscrt", "vllm_load_vs_awscrt"}

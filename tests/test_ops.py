@@ -86,6 +86,21 @@ def test_doctor_names_the_checksum_fix(moto_server, proxy, capsys) -> None:  # t
     assert all(c.status in (PASS, WARN) for c in checks), checks
 
 
+def test_doctor_says_whether_the_endpoint_checks_upload_checksums(moto_server, seaweed_server, proxy) -> None:  # type: ignore[no-untyped-def]
+    checked = {c.name: c for c in doctor(seaweed_server.url(unique_prefix()))}["upload checksum"]
+    assert (checked.status, "accepted and checked" in checked.detail) == (PASS, True)
+    assert "payload_signing=off" in checked.detail  # plain HTTP, signed: what the checksum allows
+    ignored = {c.name: c for c in doctor(moto_server.url(unique_prefix()))}["upload checksum"]
+    assert (ignored.status, "not checked" in ignored.detail) == (WARN, True)
+    assert "keep payload_signing=auto" in ignored.fix
+    proxy.faults = [Fault("status", status=400, code="InvalidArgument", header="x-amz-checksum-crc32c")]
+    url = f"s3://{moto_server.bucket}/{unique_prefix()}?endpoint_url={proxy.endpoint_url}&region=us-east-1"
+    checks = doctor(url + "&addressing=path&max_attempts=1")
+    refused = {c.name: c for c in checks}["upload checksum"]
+    assert (refused.status, refused.fix.startswith("set upload_checksum=off")) == (WARN, True)
+    assert rows(checks)["fragments"] == PASS  # the default (auto) stores fragments there anyway
+
+
 def test_doctor_reports_missing_bucket_and_dead_endpoint(moto_server, capsys) -> None:  # type: ignore[no-untyped-def]
     missing = moto_server.url("p").replace(f"s3://{moto_server.bucket}/", "s3://no-such-bucket/")
     assert main(["doctor", missing]) == 1

@@ -85,7 +85,7 @@ def test_settings_come_from_the_url() -> None:
     assert config.request_checksum_calculation == "when_supported"
     assert config.response_checksum_validation == "when_supported"
     assert config.max_pool_connections == 7
-    assert config.s3 == {"addressing_style": "path"}
+    assert config.s3 == {"addressing_style": "path", "payload_signing_enabled": False}  # HTTPS: TLS protects bodies
     assert S3Settings().checksum == "when_required"  # safe for every S3 system by default
 
 

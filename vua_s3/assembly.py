@@ -1,19 +1,32 @@
-"""Where loaded objects land: pooled receive buffers, and one query's output assembled
-from its objects as each arrives."""
+"""Where loaded objects land: pooled receive buffers, one group's objects staged side by
+side for the group API, and one query's output assembled from its objects as each arrives."""
 
 from __future__ import annotations
 
 import asyncio
 import functools
 import logging
+from collections.abc import Callable, Sequence
 
 import torch
 
-from . import fragment
+from . import fragment, memory
 from .loop import in_thread
 from .shards import HeadRange
 
 log = logging.getLogger(__name__)
+
+Allocate = Callable[[tuple[int, ...], torch.dtype], torch.Tensor]
+
+
+def fresh(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device, pinned: bool) -> torch.Tensor:
+    """A new output tensor: page-locked when asked (host memory only), huge-page backed on
+    the host otherwise (:mod:`.memory`), plain on a device."""
+    if device.type != "cpu":
+        return torch.empty(shape, dtype=dtype, device=device)
+    if pinned:
+        return torch.empty(shape, dtype=dtype, pin_memory=True)
+    return memory.empty(shape, dtype)
 
 
 class BufferPool:
@@ -22,7 +35,9 @@ class BufferPool:
     Fresh memory costs a page fault per 4 KiB when first written (on small VMs as much CPU
     as the transfer itself; ``docs/performance.md``); reused memory does not. Buffers are
     pinned when the destination is CUDA, so the host-to-device copy can run
-    asynchronously. At most ``keep`` idle buffers are kept per size class.
+    asynchronously, else huge-page backed (:mod:`.memory`). At most ``keep`` idle
+    buffers are kept per size class. Object receive buffers and group stages
+    (:class:`Stage`) come from here alike.
     """
 
     _GRAIN = 1 << 20  # fragments of one model differ by a few header bytes: one class
@@ -31,15 +46,21 @@ class BufferPool:
         self._keep = keep
         self._free: dict[tuple[int, bool], list[torch.Tensor]] = {}
         self.allocated = 0
-        """Buffers allocated so far (the rest of the takes were reuses)."""
+        """Buffers allocated so far."""
+        self.reused = 0
+        """Takes served by an idle buffer (pool hits)."""
 
     def take(self, size: int, pinned: bool) -> torch.Tensor:
+        """At least ``size`` bytes (uint8), reused where an idle buffer of the class waits."""
         capacity = -(-size // self._GRAIN) * self._GRAIN
         free = self._free.get((capacity, pinned))
         if free:
+            self.reused += 1
             return free.pop()
         self.allocated += 1
-        return torch.empty(capacity, dtype=torch.uint8, pin_memory=pinned)
+        if pinned:
+            return torch.empty(capacity, dtype=torch.uint8, pin_memory=True)
+        return memory.empty_bytes(capacity)
 
     def give(self, buf: torch.Tensor, pinned: bool) -> None:
         free = self._free.setdefault((buf.numel(), pinned), [])
@@ -70,11 +91,14 @@ class Assembly:
         out: torch.Tensor | None = None,
         *,
         pinned: bool | None = None,
+        allocate: Allocate | None = None,
     ) -> None:
+        """``allocate(shape, dtype)`` makes the output (default: fresh memory on ``device``)."""
         self._groups = groups
         self._size = size
         self._device = device
         self._pinned = device.type == "cuda" if pinned is None else pinned
+        self._allocate = allocate or functools.partial(fresh, device=device, pinned=self._pinned)
         self.heads = heads
         """The heads loaded; ``None`` until the first representative tells (every head)."""
         self.kv_heads: int | None = None
@@ -114,9 +138,7 @@ class Assembly:
                 self.heads = HeadRange.all(frag.kv_heads)
             layers, two, _, _, head_dim = frag.kv.shape
             shape = (layers, two, self.heads.count, self._size * self._groups, head_dim)
-            pin = self._pinned and self._device.type == "cpu"
-            empty = functools.partial(torch.empty, shape, dtype=frag.kv.dtype, device=self._device, pin_memory=pin)
-            self._out.set_result(await asyncio.to_thread(empty))
+            self._out.set_result(await asyncio.to_thread(self._allocate, shape, frag.kv.dtype))
         out = await asyncio.shield(self._out)
         if out is None or self.heads is None:
             return False
@@ -156,7 +178,74 @@ class Assembly:
         out = self._out.result()
         assert out is not None
         if usable < self._groups:
-            out = out[:, :, :, : usable * self._size].contiguous()
+            cut = out[:, :, :, : usable * self._size]
+            out = fresh(tuple(cut.shape), cut.dtype, out.device, self._pinned).copy_(cut)
             if out.device.type == "cuda":  # runs only on a GPU: the copy is done before the caller reads
                 torch.cuda.current_stream(out.device).synchronize()
         return [(out[layer, 0].unsqueeze(0), out[layer, 1].unsqueeze(0)) for layer in range(out.size(0))]
+
+
+class Stage:
+    """One group's head objects received side by side in one pooled buffer, each in its
+    own slot at a fixed stride, so the group's KV ``[layers, 2, heads, S, head_dim]`` is a
+    strided view of the bytes as they arrived: no copy between receiving and the
+    caller's own copy (the vLLM connector's into its paged cache). Each head's
+    ``[layers, 2, S, head_dim]`` is contiguous in it."""
+
+    _ALIGN = 64  # slots start on cache lines (and on every dtype's alignment)
+
+    def __init__(self, buf: torch.Tensor, heads: HeadRange, size: int) -> None:
+        self.buf = buf
+        self._heads = heads
+        self._size = size
+        self._stride = self.stride(size)
+        self._bytes = buf.numpy().data
+
+    @classmethod
+    def stride(cls, size: int) -> int:
+        return -(-size // cls._ALIGN) * cls._ALIGN
+
+    @classmethod
+    def capacity(cls, heads: HeadRange, size: int) -> int:
+        """The bytes a stage of ``heads`` objects of ``size`` bytes takes."""
+        return heads.count * cls.stride(size)
+
+    def slot(self, head: int) -> memoryview:
+        """Where KV head ``head``'s object lands."""
+        at = (head - self._heads.start) * self._stride
+        return self._bytes[at : at + self._size]
+
+    def kv(self, frags: Sequence[fragment.Fragment]) -> torch.Tensor | None:
+        """The group's KV over the slots, given each head's decoded object in head order;
+        ``None`` (logged) unless every object has the first's layout at the same place in
+        its slot (the first's shape, dtype and head count; the heads asked for)."""
+        first = frags[0].kv
+        base = self.buf.data_ptr()
+        offset = first.data_ptr() - base
+        item = first.element_size()
+        for number, frag in enumerate(frags):
+            if (
+                frag.kv.dtype != first.dtype
+                or frag.kv.shape != first.shape
+                or frag.kv_heads != self._heads.total
+                or frag.head != self._heads.start + number
+                or frag.kv.data_ptr() - base != offset + number * self._stride
+                or offset % item
+            ):
+                log.warning(
+                    "fragment layout changes at head %d (%s %s, head %d of %d; the first: %s %s, %s); group unusable",
+                    self._heads.start + number,
+                    frag.kv.dtype,
+                    list(frag.kv.shape),
+                    frag.head,
+                    frag.kv_heads,
+                    first.dtype,
+                    list(first.shape),
+                    self._heads,
+                )
+                return None
+        layers, two, _, tokens, head_dim = first.shape
+        flat = self.buf[: self._heads.count * self._stride].view(first.dtype)
+        shape = (layers, two, self._heads.count, tokens, head_dim)
+        strides = (two * tokens * head_dim, tokens * head_dim, self._stride // item, head_dim, 1)
+        return flat.as_strided(shape, strides, offset // item)

@@ -116,6 +116,11 @@ class GroupIO:
         # Every group settles: one failure does not cancel the others (groups placed
         # after an earlier one failed are simply not counted).
         known = self._heads.resolve(heads)
+        if known is None and groups and sizes:  # the first group's representative tells
+            self._heads.learn(await self._io.kv_heads(groups[0], sizes[0], ids, pinned))
+            known = self._heads.resolve(heads)
+        if known is None:
+            return 0
         loads = (self._load_into(g, size, ids, place, pinned, known) for g, size in zip(groups, sizes, strict=False))
         usable = 0
         for result in await asyncio.gather(*loads, return_exceptions=True):
@@ -138,16 +143,13 @@ class GroupIO:
         ids: torch.Tensor,
         place: Callable[[int, torch.Tensor], bool],
         pinned: bool,
-        heads: HeadRange | None,
+        heads: HeadRange,
     ) -> bool:
-        """Every head of ``group`` into one host buffer, then handed to ``place``."""
-        staging = Assembly(1, self._config.split_factor, torch.device("cpu"), heads, pinned=pinned)
-        if not await self._io.load_group(group, 0, size, ids, staging):
-            return False
-        if heads is None:
-            self._heads.learn(staging.kv_heads)
-        out = staging.output()
-        return out is not None and await in_thread(place, group.number, out)
+        """Every head of ``group`` into one pooled stage, then handed to ``place``: dense
+        when pinned (a GPU's host-to-device copy of a strided view would go through a
+        temporary), else a view of the objects as received."""
+        async with self._io.staged(group, size, ids, heads, pinned=pinned, dense=pinned) as kv:
+            return kv is not None and await in_thread(place, group.number, kv)
 
     async def put_groups(
         self,

@@ -4,16 +4,20 @@ checked and placed. The concurrency bound and the receive buffers live here."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
+import json
 import logging
+import math
+import struct
 import time
-from collections.abc import Coroutine, Sequence
+from collections.abc import AsyncIterator, Coroutine, Sequence
 from typing import Any
 
 import torch
 
 from . import fragment
-from .assembly import Assembly, BufferPool
+from .assembly import Assembly, BufferPool, Stage
 from .errors import AccessDeniedError, FragmentError, ObjectNotFoundError, SizeMismatchError, StoreUnavailableError
 from .keys import Group
 from .loop import gather_or_cancel, in_thread
@@ -23,6 +27,12 @@ from .shards import HeadRange
 from .storage import ObjectInfo, Store
 
 log = logging.getLogger(__name__)
+
+try:
+    from awscrt.checksums import combine_crc32c as _combine
+    from awscrt.checksums import crc32c as _crc32c
+except ImportError:  # installed without its dependencies: objects carry zlib's CRC-32
+    _combine = None
 
 
 class ObjectIO:
@@ -39,8 +49,9 @@ class ObjectIO:
         self._known = known
         self._refresher = refresher
         self.max_inflight = max_inflight
-        self.pool = BufferPool(keep=max_inflight)
+        self.pool = BufferPool(keep=max_inflight + 1)  # the most buffers of one class in use at once
         self._limits: dict[asyncio.AbstractEventLoop, asyncio.Semaphore] = {}
+        self._stages: dict[tuple[asyncio.AbstractEventLoop, int], asyncio.Semaphore] = {}
 
     def _limit(self) -> asyncio.Semaphore:
         loop = asyncio.get_running_loop()
@@ -76,7 +87,11 @@ class ObjectIO:
         )
         async with self._limit():
             segments = await asyncio.to_thread(encode) if encoder.needs_host_copy else encode()
-            await self._store.put_segments(key, segments)
+            crc = object_crc32c(segments)
+            if crc is None:
+                await self._store.put_segments(key, segments)
+            else:
+                await self._store.put_checked(key, segments, crc)
         self._known.add(ObjectInfo(key=key, size=sum(map(len, segments)), last_modified=time.time()))
 
     # ------------------------------------------------------------------ reads
@@ -117,26 +132,124 @@ class ObjectIO:
         self, group: Group, head: int, index: int, size: int, ids: torch.Tensor, assembly: Assembly
     ) -> bool:
         """Fetch, check and place one object; ``False`` (logged) if it cannot be used."""
-        key = group.key(head)
         placed = False
         async with self._limit():
-            fetched = await self._fetch(key, size, assembly.pinned)
+            fetched = await self._fetch(group.key(head), size, assembly.pinned)
             try:
-                if fetched is None:
-                    return False
-                try:
-                    frag = await in_thread(fragment.decode, fetched[1])
-                    group.check(frag, ids, head)
-                except FragmentError as exc:
-                    log.warning("fragment %s in %s is unusable, treated as a miss: %s", key, self._store.url, exc)
-                    return False
-                placed = await assembly.place(index, frag)
+                frag = None if fetched is None else await self._checked(group, head, fetched[1], ids)
+                if frag is not None:
+                    placed = await assembly.place(index, frag)
                 return placed
             finally:
                 if index == 0 and head == assembly.representative and not placed:
                     assembly.abandon()
                 if fetched is not None:
                     self.pool.give(fetched[0], assembly.pinned)
+
+    async def kv_heads(self, group: Group, size: int, ids: torch.Tensor, pinned: bool) -> int | None:
+        """The model's KV head count, as ``group``'s representative (head 0) tells; ``None``
+        (logged) if that object is unusable. For loads that do not know it yet."""
+        async with self._limit():
+            fetched = await self._fetch(group.key(0), size, pinned)
+            if fetched is None:
+                return None
+            try:
+                frag = await self._checked(group, 0, fetched[1], ids)
+                return None if frag is None else frag.kv_heads
+            finally:
+                self.pool.give(fetched[0], pinned)
+
+    @contextlib.asynccontextmanager
+    async def staged(
+        self, group: Group, size: int, ids: torch.Tensor, heads: HeadRange, *, pinned: bool, dense: bool
+    ) -> AsyncIterator[torch.Tensor | None]:
+        """Every head of ``group`` fetched and checked into one pooled stage; yields the
+        group's KV (``[layers, 2, heads.count, S, head_dim]``), or ``None`` (logged) if a
+        head is unusable. Valid inside the block only: the stage is reused after it.
+
+        By default the objects land side by side and the KV is a strided view of them
+        (:class:`Stage`, no copy). ``dense``: each object is copied on into one
+        contiguous pooled tensor (what a GPU receives in one asynchronous copy; with
+        ``pinned``, page-locked). Stages in use at once are bounded, so the memory they
+        hold is about ``max_inflight`` objects more than the receive buffers'."""
+        async with self._stage_limit(heads.count):
+            if dense:
+                async with self._dense(group, size, ids, heads, pinned) as kv:
+                    yield kv
+                return
+            buf = self.pool.take(Stage.capacity(heads, size), pinned)
+            try:
+                stage = Stage(buf, heads, size)
+                fetches = (self._fetch_checked_into(group, h, stage.slot(h), ids) for h in heads.heads)
+                frags = await gather_or_cancel(*fetches)
+                kv = None if any(f is None for f in frags) else stage.kv([f for f in frags if f is not None])
+                if kv is not None:
+                    self.used([group], list(heads.heads))
+                yield kv
+            finally:
+                self.pool.give(buf, pinned)
+
+    @contextlib.asynccontextmanager
+    async def _dense(
+        self, group: Group, size: int, ids: torch.Tensor, heads: HeadRange, pinned: bool
+    ) -> AsyncIterator[torch.Tensor | None]:
+        """The dense stage: pooled receive buffers, then one pooled contiguous output."""
+        taken: list[torch.Tensor] = []
+
+        def allocate(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+            nbytes = math.prod(shape) * dtype.itemsize
+            taken.append(self.pool.take(nbytes, pinned))
+            return taken[-1][:nbytes].view(dtype).view(shape)
+
+        staging = Assembly(1, group.split_factor, torch.device("cpu"), heads, pinned=pinned, allocate=allocate)
+        try:
+            loaded = await self.load_group(group, 0, size, ids, staging)
+            yield staging.output() if loaded else None
+        finally:
+            for buf in taken:
+                self.pool.give(buf, pinned)
+
+    def _stage_limit(self, heads: int) -> asyncio.Semaphore:
+        """Stages of ``heads`` objects in use at once on this loop: enough to keep
+        ``max_inflight`` objects in flight while one more group is handed over."""
+        key = (asyncio.get_running_loop(), heads)
+        limit = self._stages.get(key)
+        if limit is None:
+            limit = self._stages[key] = asyncio.Semaphore(-(-self.max_inflight // heads) + 1)
+        return limit
+
+    async def _fetch_checked_into(
+        self, group: Group, head: int, slot: memoryview, ids: torch.Tensor
+    ) -> fragment.Fragment | None:
+        """One object into ``slot``, decoded and checked; ``None`` (logged) if unusable.
+        Its size is fixed by the slot: an object rewritten to another size is a miss."""
+        key = group.key(head)
+        async with self._limit():
+            try:
+                await self._store.get_into(key, slot)
+            except (ObjectNotFoundError, SizeMismatchError) as exc:
+                self._gone(key, exc)
+                return None
+            return await self._checked(group, head, slot, ids)
+
+    async def _checked(self, group: Group, head: int, data: memoryview, ids: torch.Tensor) -> fragment.Fragment | None:
+        """``data`` decoded as KV head ``head`` of ``group``; ``None`` (logged) if unusable."""
+        try:
+            frag = await in_thread(fragment.decode, data)
+            group.check(frag, ids, head)
+        except FragmentError as exc:
+            log.warning("fragment %s in %s is unusable, treated as a miss: %s", group.key(head), self._store.url, exc)
+            return None
+        return frag
+
+    def _gone(self, key: str, exc: ObjectNotFoundError | SizeMismatchError) -> None:
+        """What a fetch that found no usable object tells the presence cache (and the log)."""
+        if isinstance(exc, ObjectNotFoundError):
+            self._known.add_missing(key)
+            log.info("fragment %s vanished after the probe (expired or deleted)", key)
+        else:
+            self._known.discard(key)
+            log.warning("fragment %s in %s is unusable, treated as a miss: %s", key, self._store.url, exc)
 
     async def _fetch(self, key: str, size: int, pinned: bool) -> tuple[torch.Tensor, memoryview] | None:
         """The object in a pooled buffer, or ``None`` (logged) if it is gone. If its size is
@@ -151,21 +264,30 @@ class ObjectIO:
                 self.pool.give(buf, pinned)
                 if not isinstance(exc, (ObjectNotFoundError, SizeMismatchError)):
                     raise
-                if isinstance(exc, ObjectNotFoundError):
-                    self._known.add_missing(key)
-                else:
-                    self._known.discard(key)
                 if isinstance(exc, SizeMismatchError) and not attempt:
+                    self._known.discard(key)
                     info = (await self._store.head_many([key]))[0]
                     if info is not None:
                         size = info.size
                         continue
-                if isinstance(exc, SizeMismatchError) and attempt:
-                    log.warning("fragment %s in %s is unusable, treated as a miss: %s", key, self._store.url, exc)
-                else:
-                    log.info("fragment %s vanished after the probe (expired or deleted)", key)
+                    exc = ObjectNotFoundError(key)
+                self._gone(key, exc)
                 return None
         raise AssertionError("unreachable")
+
+
+def object_crc32c(segments: list[memoryview]) -> int | None:
+    """The CRC-32C of a whole encoded object, from its header and the data section's
+    CRC-32C, which the header states: no second pass over the data. ``None`` for objects
+    checked with zlib's CRC-32 (no awscrt)."""
+    if _combine is None:
+        return None
+    header = segments[0]
+    (length,) = struct.unpack_from("<Q", header)
+    stated = json.loads(bytes(header[8 : 8 + length]))["__metadata__"].get("crc32c")
+    if stated is None:
+        return None
+    return int(_combine(_crc32c(header), int(stated, 16), sum(len(s) for s in segments[1:])))
 
 
 async def settle_prefix(loads: list[Coroutine[Any, Any, bool]]) -> tuple[int, StoreUnavailableError | None]:

@@ -7,6 +7,7 @@ reused one, which shows what fresh memory costs)."""
 from __future__ import annotations
 
 import io
+import itertools
 from collections.abc import Sequence
 from concurrent.futures import Future
 from typing import Any
@@ -17,6 +18,7 @@ import torch
 from boto3.s3.transfer import TransferConfig, create_transfer_manager
 
 from ..storage.s3 import S3Store
+from ..storage.s3.body import SegmentBody
 
 #: s3transfer's part size and threads: its documented defaults, as a user would run it.
 TRANSFER_PART = 8 << 20
@@ -51,13 +53,12 @@ class _ViewFile(io.RawIOBase):
         return n
 
 
-def _slices(out: torch.Tensor, sizes: Sequence[int]) -> list[memoryview]:
+def _slices(out: torch.Tensor, sizes: Sequence[int], offsets: Sequence[int] | None = None) -> list[memoryview]:
+    """Views of ``out`` for objects of ``sizes``: one after another, or at ``offsets``."""
     view = out.numpy().data
-    slices, position = [], 0
-    for size in sizes:
-        slices.append(view[position : position + size])
-        position += size
-    return slices
+    if offsets is None:
+        offsets = [0, *itertools.accumulate(sizes)][:-1]
+    return [view[at : at + size] for at, size in zip(offsets, sizes, strict=True)]
 
 
 class TransferClient:
@@ -110,8 +111,9 @@ class TransferClient:
 
 
 class CrtClient:
-    """The awscrt S3 client on its own: UNSIGNED-PAYLOAD bodies (all it sends), the
-    store's part size and multipart threshold, GETs copied from ``on_body`` into place."""
+    """The awscrt S3 client on its own: UNSIGNED-PAYLOAD bodies without a checksum header
+    (its defaults), the store's part size and multipart threshold, GETs copied from
+    ``on_body`` into place."""
 
     def __init__(self, store: S3Store, credentials: Any) -> None:
         """``store`` has connected (its bucket URL and region are resolved)."""
@@ -140,21 +142,28 @@ class CrtClient:
         return self._base + quote(f"{self._prefix}/{key}" if self._prefix else key, safe="/~")
 
     def put(self, keys: Sequence[str], bodies: Sequence[bytes | memoryview]) -> None:
+        """Bodies are read from the caller's memory into the client's part buffers, as vua_s3's are."""
         s3, http = self._s3, self._http
         requests = []
         for key, body in zip(keys, bodies, strict=True):
             headers = http.HttpHeaders([("Host", self._host), ("Content-Length", str(len(body)))])
-            request = http.HttpRequest("PUT", self._path(key), headers, io.BytesIO(body))
+            request = http.HttpRequest("PUT", self._path(key), headers, SegmentBody([memoryview(body)]))
             requests.append(self._client.make_request(type=s3.S3RequestType.PUT_OBJECT, request=request))
         for request in requests:
             request.finished_future.result()
 
-    def get(self, keys: Sequence[str], sizes: Sequence[int], out: torch.Tensor | None = None) -> torch.Tensor:
-        """Into ``out`` if given (reused memory), else into a fresh tensor."""
+    def get(
+        self,
+        keys: Sequence[str],
+        sizes: Sequence[int],
+        out: torch.Tensor | None = None,
+        offsets: Sequence[int] | None = None,
+    ) -> torch.Tensor:
+        """Into ``out`` if given (reused memory, at ``offsets`` if given), else into a fresh tensor."""
         s3, http = self._s3, self._http
         target = torch.empty(sum(sizes), dtype=torch.uint8) if out is None else out
         requests = []
-        for key, view in zip(keys, _slices(target, sizes), strict=True):
+        for key, view in zip(keys, _slices(target, sizes, offsets), strict=True):
 
             def on_body(chunk: Any, offset: int, view: memoryview = view, **_: Any) -> None:
                 view[offset : offset + len(chunk)] = chunk

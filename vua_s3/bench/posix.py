@@ -16,13 +16,19 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import struct
+import tempfile
 import threading
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 
+from ..config import VUAConfig
 from ..fragment import dtype_name, dtype_of
+from ..sync import VUA
+from .report import Sample
 
 
 def file_put(root: str, keys: Sequence[str], bodies: Sequence[bytes]) -> None:
@@ -140,3 +146,59 @@ def _from_bytes(blob: bytes, name: str) -> torch.Tensor:
     start, stop = info["data_offsets"]
     payload = blob[8 + size + start : 8 + size + stop]  # a bytes slice: a copy, as in the original
     return torch.frombuffer(bytearray(payload), dtype=dtype_of(info["dtype"])).reshape(info["shape"])
+
+
+def measure_posix(
+    cfg: VUAConfig,
+    tokens: torch.Tensor,
+    kv: list[tuple[torch.Tensor, torch.Tensor]],
+    whole: list[bytes],
+    sizes: list[int],
+    where: tuple[str | None, int],
+    timed: Callable[..., Any],
+    cold: Callable[[str, str], Sample] | None,
+    checks: dict[str, Any],
+) -> tuple[str, list[Sample]]:
+    """vua_s3 on a POSIX directory beside the file floors and the original VUA, same KV;
+    ``where``: the directory to make the store's in (``None``: /dev/shm, else the temp
+    dir) and the repeats. ``cold(location, salt)`` measures a new process's get. Returns
+    the directory and the cold samples."""
+    directory, repeats = where
+    parent = directory or ("/dev/shm" if os.path.isdir("/dev/shm") else tempfile.gettempdir())
+    colds: list[Sample] = []
+    root = tempfile.mkdtemp(prefix="vua-s3-bench-posix-", dir=parent)
+    rows = list(tokens.unbind(0))
+    try:
+        floor_keys = [f"floor-{i}" for i in range(len(sizes))]
+        with VUA(cfg, os.path.join(root, "vua")) as vua:
+            for rep in range(repeats):
+                salt = f"posix-r{rep}"
+                original = OriginalVUA(os.path.join(root, f"original-{rep}"), cfg.split_factor)
+                os.makedirs(os.path.join(root, f"original-{rep}"))
+                vua.forget_known()
+                timed("posixvua_put", vua.put, tokens, kv, salt=salt)
+                timed("posixfloor_put", file_put, root, floor_keys, whole)
+                timed("original_put", original_put, original, rows, kv)
+                vua.forget_known()
+                got = timed("posixvua_get", vua.get_closest, rows, "cpu", salt=salt)
+                checks["posix_get_tokens"] = sum(0 if g is None else g.tokens.numel() for g in got)
+                del got
+                timed("posixfloor_get", file_get, root, floor_keys, sizes)
+                if cold is not None:
+                    colds.append(cold(os.path.join(root, "vua"), salt))
+                loaded = timed("original_get", original_get, original, rows)
+                checks["original_get_tokens"] = sum(x[0][0].size(2) if x else 0 for x in loaded)
+                del loaded
+                shutil.rmtree(os.path.join(root, f"original-{rep}"))
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+    return parent, colds
+
+
+def original_put(original: OriginalVUA, rows: list[torch.Tensor], kv: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+    for row, sequence in enumerate(rows):
+        original.put(sequence, [(k[row : row + 1], v[row : row + 1]) for k, v in kv])
+
+
+def original_get(original: OriginalVUA, rows: list[torch.Tensor]) -> list[Any]:
+    return [original.get_closest(row) for row in rows]

@@ -37,6 +37,8 @@ class Sample:
     seconds: float
     cpu: float
     requests: Counter[str]
+    server_cpu: float | None = None
+    """CPU seconds of the server process (a local server the bench started), else ``None``."""
 
 
 def context(store: str) -> dict[str, Any]:
@@ -66,6 +68,9 @@ def summarize(samples: list[Sample], moved: int) -> dict[str, Any]:
     if moved:
         figure["gib_per_s"] = asdict(Stat.of([moved / GIB / s.seconds for s in samples]))
         figure["cpu_s_per_gib"] = asdict(Stat.of([s.cpu / (moved / GIB) for s in samples]))
+        server = [s.server_cpu for s in samples if s.server_cpu is not None]
+        if len(server) == len(samples):
+            figure["server_cpu_s_per_gib"] = asdict(Stat.of([cpu / (moved / GIB) for cpu in server]))
     figure["requests"] = dict(samples[-1].requests)
     return figure
 
@@ -82,6 +87,11 @@ def _latency(figure: dict[str, Any]) -> str:
 
 def _cpu(figure: dict[str, Any]) -> str:
     return f"{figure['cpu_s_per_gib']['median']:.2f}"
+
+
+def _server(figure: dict[str, Any]) -> str:
+    server = figure.get("server_cpu_s_per_gib")
+    return "-" if server is None else f"{server['median']:.2f}"
 
 
 def format_report(report: dict[str, Any]) -> str:
@@ -101,7 +111,8 @@ def format_report(report: dict[str, Any]) -> str:
         f"median of {report['repeats']} repeats [min-max]; client CPU is this process, all threads; "
         f"peak RSS {report['peak_rss_mib']:.0f} MiB",
         "",
-        f"{'operation':<26}{'vua_s3':>32}{'floor (plain aioboto3)':>32}{'ratio':>8}{'CPU s/GiB vua/floor':>22}",
+        f"{'operation':<26}{'vua_s3':>32}{'floor (plain aioboto3)':>32}{'ratio':>8}{'CPU s/GiB vua/floor':>22}"
+        f"{'server CPU':>12}",
     ]
     vua_r, floor_r, ratios = report["vua"], report["floor"], report["ratios"]
     pairs = [("put (cold)", "put_cold", "put", "put_vs_floor")]
@@ -110,7 +121,10 @@ def format_report(report: dict[str, Any]) -> str:
         if mine not in vua_r:
             continue
         cpu = f"{_cpu(vua_r[mine])}/{_cpu(floor_r[base])}"
-        lines.append(f"{label:<26}{_rate(vua_r[mine]):>32}{_rate(floor_r[base]):>32}{ratios[ratio]:>7.2f}x{cpu:>22}")
+        server = f"{_server(vua_r[mine])}/{_server(floor_r[base])}"
+        lines.append(
+            f"{label:<26}{_rate(vua_r[mine]):>32}{_rate(floor_r[base]):>32}{ratios[ratio]:>7.2f}x{cpu:>22}{server:>12}"
+        )
     if "get_cold" in vua_r:
         cold = vua_r["get_cold"]
         lines.append(f"{'get_closest, new process':<26}{_rate(cold):>32}{'':>32}{'':>8}{_cpu(cold):>22}")
@@ -135,19 +149,17 @@ def format_report(report: dict[str, Any]) -> str:
     requests = ", ".join(f"{v} {k}" for k, v in sorted(cached["requests"].items())) or "no requests"
     lines.append(f"{'put (stored, cached)':<26}{_latency(cached):>32}{'':>32}{'':>8}  {requests}")
     if "refresh" in report:
-        lines += _refresh_lines(report["refresh"], ratios["get_refresh_due_vs_off"])
-    lines += ["", f"{'same objects, other client':<40}{'throughput':>32}{'CPU s/GiB':>12}{'vua_s3 / it':>14}"]
-    for client, figures in report["clients"].items():
-        rows: list[tuple[str, str, str | None]] = [
-            ("put", "put", f"put_vs_{client}"),
-            ("get into a fresh tensor", "get", f"get_cpu_vs_{client}"),
-            ("get into a reused buffer", "get_reused", None),
-        ]
-        for label, name, versus in rows:
-            if name in figures:
-                text = f"{ratios[versus]:.2f}x" if versus else ""
-                lines.append(f"{client + ' ' + label:<40}{_rate(figures[name]):>32}{_cpu(figures[name]):>12}{text:>14}")
-    lines.append(f"{'page faults of fresh memory (touch once)':<40}{'':>32}{_cpu(floor_r['page_faults']):>12}")
+        lines += _refresh_lines(report["refresh"], report["ratios"]["get_refresh_due_vs_off"])
+    lines += _clients(report)
+    if "vllm_load" in vua_r:
+        lines += ["", f"{'vLLM-style load (paged cache)':<40}{'throughput':>32}{'CPU s/GiB':>12}{'server':>8}"]
+        lines.append(_row("vua_s3 load_groups, pooled stages", vua_r["vllm_load"]))
+        crt = report["clients"].get("awscrt", {})
+        if "vllm_load" in crt:
+            lines.append(_row("awscrt reused buffer + one copy", crt["vllm_load"], ratios.get("vllm_load_vs_awscrt")))
+    lines.append(f"{'page faults of fresh memory, 4 KiB pages':<40}{'':>32}{_cpu(floor_r['page_faults']):>12}")
+    if "page_faults_huge" in floor_r:
+        lines.append(f"{'page faults of fresh memory, huge pages':<40}{'':>32}{_cpu(floor_r['page_faults_huge']):>12}")
     posix = report["posix"]
     if posix:
         lines += [
@@ -165,6 +177,8 @@ def format_report(report: dict[str, Any]) -> str:
         if "get_cold" in posix["vua"]:
             cold = posix["vua"]["get_cold"]
             lines.append(f"{'get_closest, new process':<26}{_rate(cold):>32}{'':>32}{'':>32}{'':>20}{_cpu(cold):>28}")
+    if "long" in report:
+        lines += format_long(report["long"])
     return "\n".join(lines)
 
 
@@ -181,6 +195,56 @@ def _refresh_lines(refresh: dict[str, Any], ratio: float) -> list[str]:
     ]
 
 
+def _row(label: str, figure: dict[str, Any], versus: float | None = None) -> str:
+    text = "" if versus is None else f"{versus:.2f}x"
+    return f"{label:<40}{_rate(figure):>32}{_cpu(figure):>12}{_server(figure):>8}{text:>14}"
+
+
+def _clients(report: dict[str, Any]) -> list[str]:
+    """The other clients on the same objects (and awscrt on 32 MiB objects: the layout's price)."""
+    ratios = report["ratios"]
+    lines = [
+        "",
+        f"{'same objects, other client':<40}{'throughput':>32}{'CPU s/GiB':>12}{'server':>8}{'vua_s3 / it':>14}",
+    ]
+    for client, figures in report["clients"].items():
+        rows: list[tuple[str, str, float | None]] = [
+            ("put", "put", ratios.get(f"put_vs_{client}")),
+            ("get into a fresh tensor", "get", ratios.get(f"get_cpu_vs_{client}")),
+            ("get into a reused buffer", "get_reused", None),
+            ("put, 32 MiB objects", "put_32mib", ratios.get("awscrt_put_per_head_vs_32mib")),
+            ("get, 32 MiB objects", "get_32mib", ratios.get("awscrt_get_per_head_vs_32mib")),
+        ]
+        lines += [_row(f"{client} {label}", figures[name], versus) for label, name, versus in rows if name in figures]
+    if "put_32mib" in report["clients"].get("awscrt", {}):
+        lines.append("  (32 MiB rows: per-head objects / 32 MiB objects, awscrt itself)")
+    return lines
+
+
+def format_long(long: dict[str, Any]) -> list[str]:
+    """The long-prompt rows (``--long-tokens``)."""
+    lines = [
+        "",
+        f"{'long prompt: ' + str(long['tokens']) + ' tokens':<40}{'throughput':>32}{'CPU s/GiB':>12}{'server':>8}",
+    ]
+    mine, crt, ratios = long["vua"], long["clients"].get("awscrt", {}), long.get("ratios", {})
+    for label, name, ratio in (
+        ("put", "put_cold", "put_vs_awscrt"),
+        ("get_closest -> cpu", "get_cpu", "get_cpu_vs_awscrt"),
+        ("vLLM-style load", "vllm_load", "vllm_load_vs_awscrt"),
+    ):
+        lines.append(_row(f"vua_s3 {label}", mine[name], ratios.get(ratio)))
+    for label, name in (
+        ("put", "put"),
+        ("get into a fresh tensor", "get"),
+        ("get into a reused ring", "get_reused"),
+        ("reused ring + one copy", "vllm_load"),
+    ):
+        if name in crt:
+            lines.append(_row(f"awscrt {label}", crt[name]))
+    return lines
+
+
 def _loads(values: list[float] | None) -> str:
     return "/".join(f"{v:.2f}" for v in values) if values else "?"
 
@@ -194,6 +258,12 @@ def checks_pass(report: dict[str, Any]) -> bool:
     ok &= checks["lookup_full"] == report["tokens"] == checks["lookup_long"] and checks["lookup_miss"] == 0
     split = report["split_factor"]
     ok &= checks["lookup_half"] == report["tokens"] // 2 // split * split
+    ok &= checks["vllm_load_groups"] == report["tokens"] // split
+    long = report.get("long")
+    if long is not None:
+        want = long["tokens"] // split
+        ok &= long["checks"]["put_written"] == long["checks"]["vllm_load_groups"] == want
+        ok &= long["checks"]["get_cpu_tokens"] == long["tokens"]
     if not ok:
-        print(f"vua-s3 bench: sanity checks failed: {checks}", file=sys.stderr)
+        print(f"vua-s3 bench: sanity checks failed: {checks} {long and long['checks']}", file=sys.stderr)
     return bool(ok)

@@ -16,15 +16,14 @@ import datetime
 import json
 import os
 import resource
-import shutil
 import subprocess
 import sys
 import tempfile
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import Any
 from urllib.parse import urlsplit
 
 import aioboto3
@@ -33,37 +32,23 @@ import torch
 from ..config import DEFAULT_SPLIT_FACTOR, VUAConfig
 from ..fragment import dtype_name
 from ..logsafe import redact_url
-from ..loop import BackgroundLoop, gather_or_cancel
+from ..loop import BackgroundLoop
 from ..shapes import ModelShape
 from ..storage.s3 import S3Settings, S3Store
 from ..storage.s3.settings import crt_installed
 from ..sync import VUA
 from ..testing.moto import EMBEDDED_CREDENTIALS
-from ..vua import ClosestKV
-from .baseline import Floor, floor_get, floor_put
+from ..vua import AsyncVUA
+from .baseline import Floor
 from .clients import CrtClient, TransferClient
-from .posix import OriginalVUA, file_get, file_put
+from .figures import ratios, sections
+from .long import measure_long
+from .posix import measure_posix
 from .refresh import RefreshBench
-from .report import Sample, describe_machine, summarize
-
-_T = TypeVar("_T")
-
-
-class _Meter:
-    """Times a run: wall and CPU seconds, and the requests the measured store made."""
-
-    def __init__(self, store: S3Store) -> None:
-        self._store = store
-
-    @contextlib.contextmanager
-    def measure(self) -> Iterator[Sample]:
-        before = Counter(self._store.requests)
-        sample = Sample(0.0, 0.0, Counter())
-        cpu, wall = time.process_time(), time.perf_counter()
-        yield sample
-        sample.seconds = time.perf_counter() - wall
-        sample.cpu = time.process_time() - cpu
-        sample.requests = self._store.requests - before
+from .report import Sample, describe_machine
+from .s3rows import measure_s3
+from .server import ServerCpu
+from .session import Meter, Session
 
 
 @dataclass(frozen=True)
@@ -82,6 +67,9 @@ class BenchOptions:
     """Where the POSIX rows run (a fresh directory is made inside); ``None``: /dev/shm, else the temp dir."""
     posix: bool = True
     cold: bool = True
+    long_tokens: int | None = None
+    """Also measure one prompt of this many tokens (``long.py``), ``long_repeats`` times."""
+    long_repeats: int = 2
     refresh: bool = False
     """Also a load with refreshes due beside one without (``bench/refresh.py``)."""
 
@@ -112,17 +100,21 @@ class _Progress:
 
 
 @contextlib.contextmanager
-def _server(options: BenchOptions) -> Iterator[tuple[str, aioboto3.Session, str]]:
-    """(URL, session, description) of the server to measure: the given URL or one started here."""
+def _server(options: BenchOptions) -> Iterator[tuple[str, aioboto3.Session, str, int | None]]:
+    """(URL, session, description, server pid where local) of the server to measure: the
+    given URL or one started here."""
     if options.url:
         settings = S3Settings.from_query(urlsplit(options.url).query)
-        yield options.url, aioboto3.Session(profile_name=settings.profile), redact_url(options.url).split("?")[0]
+        where = redact_url(options.url).split("?")[0]
+        yield options.url, aioboto3.Session(profile_name=settings.profile), where, None
         return
     from ..testing.local import local_s3
+    from ..testing.seaweed import SeaweedS3
 
     server, description = local_s3(options.server)
     with server:
-        yield server.url(f"bench-{int(time.time())}"), aioboto3.Session(**EMBEDDED_CREDENTIALS), description
+        pid = server.pid if isinstance(server, SeaweedS3) else None  # moto runs in this process
+        yield server.url(f"bench-{int(time.time())}"), aioboto3.Session(**EMBEDDED_CREDENTIALS), description, pid
 
 
 def _with_options(url: str, s3_options: dict[str, str]) -> str:
@@ -145,29 +137,36 @@ def run_bench(options: BenchOptions) -> dict[str, Any]:
     groups = n // options.split_factor
     moved = shape.bytes_per_token * n * batch
     devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
-    steps = options.repeats * (22 + len(devices) * 2 + 3 * options.refresh) + 1
+    steps = options.repeats * (27 + len(devices) * 2 + 3 * options.refresh) + 1
     progress = _Progress(options.progress, steps)
     load_start = os.getloadavg()
-    vua_options = {} if options.max_inflight is None else {"max_inflight": options.max_inflight}
+    vua_options: dict[str, Any] = {} if options.max_inflight is None else {"max_inflight": options.max_inflight}
     try:
-        with _server(options) as (url, session, where):
+        with _server(options) as (url, session, where, pid):
             url = _with_options(url, options.s3_options)
             store = S3Store.from_url(url, session=session)
-            counter = _Meter(store)
             loop = BackgroundLoop("vua-s3-bench-floor")
             floor = Floor(S3Store.from_url(url, session=session), session)
+            side = AsyncVUA(cfg, S3Store.from_url(url, session=session), **vua_options)
             with VUA(cfg, store, **vua_options) as vua:
                 loop.run(floor.open())
-                clients = _Clients(floor.store, session, loop)
+                credentials = loop.run(_frozen_credentials(session))
+                loop.run(floor.store.head_many(["bench-connect"]))  # resolves the bucket URL the C client needs
+                crt = CrtClient(floor.store, credentials) if crt_installed() and floor.store.bucket_url else None
                 refresh = RefreshBench(cfg, url, session, loop, vua_options) if options.refresh else None
+                run = Session(
+                    vua, side, floor, TransferClient(floor.store, credentials), crt, loop,
+                    Meter(store, ServerCpu.of(pid)), progress.step, refresh,
+                )  # fmt: skip
                 try:
-                    report = _measure(
-                        vua, floor, clients, loop, counter, tokens, kv, devices, options, progress, url, refresh
-                    )
+                    report = _measure(run, tokens, kv, devices, options, url)
                 finally:
                     if refresh is not None:
                         refresh.close()
-                    clients.close()
+                    run.transfer.close()
+                    if crt is not None:
+                        crt.close()
+                    loop.run(side.close())
                     loop.run(floor.close())
                     loop.stop()
     finally:
@@ -179,6 +178,7 @@ def run_bench(options: BenchOptions) -> dict[str, Any]:
             "load_average": {"start": list(load_start), "end": list(os.getloadavg())},
             "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
             "server": where,
+            "server_cpu": "measured" if pid is not None else "not measured (not a local server process)",
             "shape": {
                 "name": shape.name,
                 "layers": shape.layers,
@@ -205,19 +205,42 @@ def run_bench(options: BenchOptions) -> dict[str, Any]:
     return report
 
 
-class _Clients:
-    """The other S3 clients of the comparison, on the store's server and credentials."""
+def _measure(
+    run: Session,
+    tokens: torch.Tensor,
+    kv: list[tuple[torch.Tensor, torch.Tensor]],
+    devices: list[str],
+    options: BenchOptions,
+    url: str,
+) -> dict[str, Any]:
+    cfg = run.vua.config()
+    batch, n = tokens.shape
+    per_row = options.shape.bytes_per_token * n
+    rows = list(tokens.unbind(0))
 
-    def __init__(self, store: S3Store, session: aioboto3.Session, loop: BackgroundLoop) -> None:
-        credentials = loop.run(_frozen_credentials(session))
-        self.transfer = TransferClient(store, credentials)
-        loop.run(store.head_many(["bench-connect"]))  # connects: resolves the bucket URL the C client needs
-        self.crt = CrtClient(store, credentials) if crt_installed() and store.bucket_url else None
+    def cold(location: str) -> Any:
+        return lambda row, salt: _cold_get(location, cfg, row, salt, options)
 
-    def close(self) -> None:
-        self.transfer.close()
-        if self.crt is not None:
-            self.crt.close()
+    sizes = measure_s3(run, options.shape, tokens, kv, devices, options.repeats, cold(url) if options.cold else None)
+    posix_dir = None
+    if options.posix:
+        whole = [bytes(size) for size in sizes]
+        posix_cold = (lambda location, salt: _cold_get(location, cfg, rows[0], salt, options)) if options.cold else None
+        where = (options.posix_dir, options.repeats)
+        posix_dir, colds = measure_posix(cfg, tokens, kv, whole, sizes, where, run.timed, posix_cold, run.checks)
+        for sample in colds:
+            run.record("posixvua_get_cold", sample)
+    report = sections(run.results, per_row * batch, per_row)
+    report["checks"] = run.checks
+    if run.refresh is not None:
+        report["refresh"].update(run.refresh.summary(groups=batch * (n // cfg.split_factor)))
+    report["ratios"] = ratios(report, devices)
+    report["transport"] = getattr(run.vua.store, "transport", "aiobotocore")
+    if posix_dir is not None:
+        report["posix_dir"] = posix_dir
+    if options.long_tokens:
+        report["long"] = measure_long(run, options.shape, options.long_tokens, options.long_repeats)
+    return report
 
 
 async def _frozen_credentials(session: aioboto3.Session) -> Any:
@@ -225,173 +248,6 @@ async def _frozen_credentials(session: aioboto3.Session) -> Any:
     if credentials is None:
         raise RuntimeError("no AWS credentials found for the bench")
     return await credentials.get_frozen_credentials()
-
-
-def _measure(
-    vua: VUA,
-    floor: Floor,
-    clients: _Clients,
-    loop: BackgroundLoop,
-    counter: _Meter,
-    tokens: torch.Tensor,
-    kv: list[tuple[torch.Tensor, torch.Tensor]],
-    devices: list[str],
-    options: BenchOptions,
-    progress: _Progress,
-    url: str,
-    refresh: RefreshBench | None,
-) -> dict[str, Any]:
-    cfg = vua.config()
-    batch, n = tokens.shape
-    moved = options.shape.bytes_per_token * n * batch
-    rows = list(tokens.unbind(0))
-    forget = vua.forget_known  # measure as another process would: nothing known
-
-    # Sizes and bodies of the floor's objects: the fragments vua_s3 writes.
-    vua.put(tokens, kv, salt="sizes")
-    heads = options.shape.kv_heads  # one object per group and KV head (format 2)
-    keys = [k for row in rows for k in cfg.tokens_to_paths(row, salt="sizes", kv_heads=heads)]
-    infos = loop.run(floor.store.head_many(keys))
-    sizes = [info.size for info in infos if info is not None]
-    assert len(sizes) == len(keys)
-    payload = torch.randint(0, 256, (max(sizes),), dtype=torch.uint8, generator=torch.Generator().manual_seed(2))
-    whole = [payload[:size].numpy().tobytes() for size in sizes]
-    bodies = [floor.prepare(body) for body in whole]
-    reused = torch.empty(sum(sizes), dtype=torch.uint8)
-    reused.fill_(0)  # faulted in once, before the clock
-    progress.step("prepared")
-
-    results: dict[str, list[Sample]] = {}
-
-    def record(name: str, sample: Sample) -> None:
-        results.setdefault(name, []).append(sample)
-        progress.step(name)
-
-    def timed(name: str, fn: Callable[..., _T], *args: Any, **kwargs: Any) -> _T:
-        with counter.measure() as sample:
-            out = fn(*args, **kwargs)
-        record(name, sample)
-        return out
-
-    checks: dict[str, Any] = {}
-    half = torch.cat([rows[0][: n // 2], rows[0][n // 2 :] + 1])
-    # Three times the groups, the first third stored: a long prompt that starts with a stored one.
-    longer = torch.cat([rows[0], torch.randint(0, 128_000, (2 * n,), generator=torch.Generator().manual_seed(3))])
-    for rep in range(options.repeats):
-        salt = f"r{rep}-{time.time_ns()}"
-        floor_keys = [f"floor/{salt}/{i}" for i in range(len(sizes))]
-        client_keys = [f"clients/{salt}/{i}" for i in range(len(sizes))]
-        forget()
-        checks["put_written"] = timed("put_cold", vua.put, tokens, kv, salt=salt)
-        written = time.time()
-        timed("floor_put", loop.run, floor_put(floor, floor_keys, bodies))
-        timed("s3transfer_put", clients.transfer.put, client_keys, whole)
-        if clients.crt is not None:
-            timed("awscrt_put", clients.crt.put, client_keys, whole)
-        forget()
-        checks["reput_written"] = timed("put_stored", vua.put, tokens, kv, salt=salt)
-        timed("put_stored_cached", vua.put, tokens, kv, salt=salt)
-        for device in devices:
-            forget()
-            got: list[ClosestKV | None] = timed(f"get_{device}", vua.get_closest, rows, device, salt=salt)
-            checks[f"get_{device}_tokens"] = sum(0 if g is None else g.tokens.numel() for g in got)
-            del got
-            timed(f"floor_get_{device}", loop.run, floor_get(floor, floor_keys, sizes))
-        timed("s3transfer_get", clients.transfer.get, client_keys, sizes)
-        if clients.crt is not None:
-            timed("awscrt_get", clients.crt.get, client_keys, sizes)
-            timed("awscrt_get_reused", clients.crt.get, client_keys, sizes, reused)
-        timed("page_faults", _touch_fresh, sum(sizes))
-        if options.cold:
-            record("get_cold", _cold_get(url, cfg, rows[0], salt, options))
-        for kind, query in (("full", rows[0]), ("half", half), ("miss", rows[0] + 1), ("long", longer)):
-            forget()
-            checks[f"lookup_{kind}"] = timed(f"lookup_{kind}", vua.lookup, query, salt=salt)
-        group_heads = cfg.tokens_to_paths(rows[0], salt=salt, kv_heads=heads)[:heads]  # group 0's objects
-        for _ in range(3):
-            timed("floor_head", loop.run, floor.head(floor_keys[0]))
-            timed("floor_list", loop.run, floor.list(group_heads))
-        if refresh is not None:
-            for name, sample in refresh.measure(rows, salt, written, rep).items():
-                record(f"refresh_{name}", sample)
-        loop.run(floor.delete(floor_keys + client_keys))
-        loop.run(_delete(floor.store, [k for row in rows for k in cfg.tokens_to_paths(row, salt=salt, kv_heads=heads)]))
-    posix_dir = _measure_posix(cfg, tokens, kv, whole, sizes, options, timed, record, checks) if options.posix else None
-
-    report: dict[str, Any] = {"vua": {}, "floor": {}, "clients": {}, "posix": {}, "ratios": {}, "checks": checks}
-    if refresh is not None:
-        report["refresh"] = refresh.summary(groups=batch * (n // cfg.split_factor))
-    for name, samples in results.items():
-        section, label = _section(name)
-        figure = summarize(samples, moved if _moves_data(label) else 0)
-        if section not in ("vua", "refresh"):
-            del figure["requests"]  # counted on vua_s3's store only
-        target = report[section] if section in ("vua", "floor", "refresh") else report[section.split("/")[0]]
-        if "/" in section:
-            target = target.setdefault(section.split("/")[1], {})
-        target[label] = figure
-    report["ratios"] = _ratios(report, devices)
-    report["transport"] = getattr(vua.store, "transport", "aiobotocore")
-    if posix_dir is not None:
-        report["posix_dir"] = posix_dir
-    return report
-
-
-def _section(name: str) -> tuple[str, str]:
-    """Where a measurement goes in the report, and its label there."""
-    for prefix, section in (
-        ("floor_", "floor"),
-        ("s3transfer_", "clients/s3transfer"),
-        ("awscrt_", "clients/awscrt"),
-        ("posixvua_", "posix/vua"),
-        ("posixfloor_", "posix/floor"),
-        ("original_", "posix/original"),
-        ("refresh_", "refresh"),
-    ):
-        if name.startswith(prefix):
-            return section, name.removeprefix(prefix)
-    if name == "page_faults":
-        return "floor", name
-    return "vua", name
-
-
-def _moves_data(label: str) -> bool:
-    return label in ("put_cold", "put", "page_faults") or label.startswith("get")
-
-
-def _ratios(report: dict[str, Any], devices: list[str]) -> dict[str, float]:
-    vua_r, floor_r, clients, posix = report["vua"], report["floor"], report["clients"], report["posix"]
-
-    def rate(figure: dict[str, Any]) -> float:
-        return float(figure["gib_per_s"]["median"])
-
-    ratios = {"put_vs_floor": rate(vua_r["put_cold"]) / rate(floor_r["put"])}
-    for device in devices:
-        ratios[f"get_{device}_vs_floor"] = rate(vua_r[f"get_{device}"]) / rate(floor_r[f"get_{device}"])
-    for client, figures in clients.items():
-        ratios[f"put_vs_{client}"] = rate(vua_r["put_cold"]) / rate(figures["put"])
-        ratios[f"get_cpu_vs_{client}"] = rate(vua_r["get_cpu"]) / rate(figures["get"])
-    head = floor_r["head"]["seconds"]["median"]
-    for kind in ("full", "half", "miss", "long"):
-        ratios[f"lookup_{kind}_vs_head"] = vua_r[f"lookup_{kind}"]["seconds"]["median"] / head
-    ratios["put_stored_vs_head"] = vua_r["put_stored"]["seconds"]["median"] / head
-    if "list" in floor_r:  # probes of multi-head groups are LISTs
-        listing = floor_r["list"]["seconds"]["median"]
-        for kind in ("full", "half", "miss", "long"):
-            ratios[f"lookup_{kind}_vs_list"] = vua_r[f"lookup_{kind}"]["seconds"]["median"] / listing
-    if "refresh" in report:
-        due, off = report["refresh"]["get_due"], report["refresh"]["get_off"]
-        ratios["get_refresh_due_vs_off"] = due["seconds"]["median"] / off["seconds"]["median"]
-    if posix:
-        for verb in ("put", "get"):
-            ratios[f"posix_{verb}_vs_floor"] = rate(posix["vua"][verb]) / rate(posix["floor"][verb])
-            ratios[f"posix_{verb}_vs_original"] = rate(posix["vua"][verb]) / rate(posix["original"][verb])
-    return ratios
-
-
-def _touch_fresh(size: int) -> None:
-    """What fresh memory costs: a new buffer of ``size`` bytes, written once (page faults)."""
-    torch.empty(size, dtype=torch.uint8).fill_(1)
 
 
 def _cold_get(url: str, cfg: VUAConfig, row: torch.Tensor, salt: str, options: BenchOptions) -> Sample:
@@ -422,59 +278,3 @@ def _cold_get(url: str, cfg: VUAConfig, row: torch.Tensor, salt: str, options: B
     if figure["tokens"] != row.numel():
         raise RuntimeError(f"the cold get found {figure['tokens']} of {row.numel()} tokens")
     return Sample(figure["seconds"], figure["cpu"], Counter())
-
-
-def _measure_posix(
-    cfg: VUAConfig,
-    tokens: torch.Tensor,
-    kv: list[tuple[torch.Tensor, torch.Tensor]],
-    whole: list[bytes],
-    sizes: list[int],
-    options: BenchOptions,
-    timed: Callable[..., Any],
-    record: Callable[[str, Sample], None],
-    checks: dict[str, Any],
-) -> str:
-    """vua_s3 on a POSIX directory beside the file floors and the original VUA, same KV;
-    returns the directory the store's was made in."""
-    parent = options.posix_dir or ("/dev/shm" if os.path.isdir("/dev/shm") else tempfile.gettempdir())
-    root = tempfile.mkdtemp(prefix="vua-s3-bench-posix-", dir=parent)
-    rows = list(tokens.unbind(0))
-    try:
-        floor_keys = [f"floor-{i}" for i in range(len(sizes))]
-        with VUA(cfg, os.path.join(root, "vua")) as vua:
-            for rep in range(options.repeats):
-                salt = f"posix-r{rep}"
-                original = OriginalVUA(os.path.join(root, f"original-{rep}"), cfg.split_factor)
-                os.makedirs(os.path.join(root, f"original-{rep}"))
-                vua.forget_known()
-                timed("posixvua_put", vua.put, tokens, kv, salt=salt)
-                timed("posixfloor_put", file_put, root, floor_keys, whole)
-                timed("original_put", _original_put, original, rows, kv)
-                vua.forget_known()
-                got = timed("posixvua_get", vua.get_closest, rows, "cpu", salt=salt)
-                checks["posix_get_tokens"] = sum(0 if g is None else g.tokens.numel() for g in got)
-                del got
-                timed("posixfloor_get", file_get, root, floor_keys, sizes)
-                if options.cold:
-                    record("posixvua_get_cold", _cold_get(os.path.join(root, "vua"), cfg, rows[0], salt, options))
-                loaded = timed("original_get", _original_get, original, rows)
-                checks["original_get_tokens"] = sum(x[0][0].size(2) if x else 0 for x in loaded)
-                del loaded
-                shutil.rmtree(os.path.join(root, f"original-{rep}"))
-    finally:
-        shutil.rmtree(root, ignore_errors=True)
-    return parent
-
-
-def _original_put(original: OriginalVUA, rows: list[torch.Tensor], kv: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
-    for row, sequence in enumerate(rows):
-        original.put(sequence, [(k[row : row + 1], v[row : row + 1]) for k, v in kv])
-
-
-def _original_get(original: OriginalVUA, rows: list[torch.Tensor]) -> list[Any]:
-    return [original.get_closest(row) for row in rows]
-
-
-async def _delete(store: S3Store, keys: list[str]) -> None:
-    await gather_or_cancel(*(store.delete(k) for k in keys))

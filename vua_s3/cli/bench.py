@@ -55,6 +55,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--refresh", action="store_true", help="also a load with refreshes due (refresh_after) beside one without"
     )
     p.add_argument("--repeats", type=int, default=5)
+    p.add_argument(
+        "--long-tokens",
+        type=positive_int,
+        help="also measure one prompt this long (e.g. 32768: 4 GiB of KV for llama3-8b, about 10 GiB of memory)",
+    )
+    p.add_argument("--long-repeats", type=positive_int, default=2, help="repeats of the long prompt's rows")
     p.add_argument("--json", action="store_true", help="print the report as JSON, nothing else")
 
 
@@ -94,6 +100,8 @@ def bench(args: argparse.Namespace) -> int:
         posix=not args.no_posix,
         cold=not args.no_cold,
         refresh=args.refresh,
+        long_tokens=args.long_tokens,
+        long_repeats=args.long_repeats,
     )
     report = run_bench(options)
     print(json.dumps(report, indent=2) if args.json else format_report(report))

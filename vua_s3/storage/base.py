@@ -67,6 +67,12 @@ class Store(ABC):
         Backends override this to send the pieces without joining them; the default joins."""
         await self.put(key, bytearray().join(segments))
 
+    async def put_checked(self, key: str, segments: Sequence[memoryview], crc32c: int) -> None:
+        """``put_segments`` from a caller that knows the CRC-32C of the concatenation: a
+        backend whose server can check an upload sends it along (S3:
+        ``x-amz-checksum-crc32c``); the default has no use for it."""
+        await self.put_segments(key, segments)
+
     @abstractmethod
     async def head_many(self, keys: Sequence[str]) -> list[ObjectInfo | None]:
         """Probe many keys concurrently; ``None`` where a key does not exist."""

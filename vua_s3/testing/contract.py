@@ -21,6 +21,7 @@ from typing import Any
 
 import pytest
 import torch
+from awscrt.checksums import crc32c
 
 from ..errors import AccessDeniedError, ObjectNotFoundError, SizeMismatchError
 from ..storage import Location, Store, open_store
@@ -168,6 +169,8 @@ class StoreContract:
             assert info is not None and info.size == len(expected)
             await store.put_segments("ns/nothing", [])
             assert bytes(await store.get("ns/nothing")) == b""
+            await store.put_checked("ns/checked", segments, crc32c(expected))
+            assert bytes(await store.get("ns/checked")) == expected
 
         run_on(location, scenario)
 
@@ -209,7 +212,18 @@ class StoreContract:
 
     @pytest.mark.parametrize(
         "verb",
-        ["head_many", "head_siblings", "head_sibling", "get", "get_into", "put", "put_segments", "list", "delete"],
+        [
+            "head_many",
+            "head_siblings",
+            "head_sibling",
+            "get",
+            "get_into",
+            "put",
+            "put_segments",
+            "put_checked",
+            "list",
+            "delete",
+        ],
     )
     def test_refused_access_is_access_denied(self, verb: str) -> None:
         calls: dict[str, Callable[[Store], Awaitable[Any]]] = {
@@ -220,6 +234,7 @@ class StoreContract:
             "get_into": lambda s: s.get_into("ns/k", memoryview(bytearray(4))),
             "put": lambda s: s.put("ns/k", b"data"),
             "put_segments": lambda s: s.put_segments("ns/k", [memoryview(b"da"), memoryview(b"ta")]),
+            "put_checked": lambda s: s.put_checked("ns/k", [memoryview(b"da"), memoryview(b"ta")], crc32c(b"data")),
             "list": lambda s: listed(s, "ns/"),
             "delete": lambda s: s.delete("ns/k"),
         }

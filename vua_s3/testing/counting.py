@@ -61,6 +61,11 @@ class CountingStore(Store):
         self.bytes_out += sum(segment.nbytes for segment in segments)
         await self.inner.put_segments(key, segments)
 
+    async def put_checked(self, key: str, segments: Sequence[memoryview], crc32c: int) -> None:
+        self.puts += 1
+        self.bytes_out += sum(segment.nbytes for segment in segments)
+        await self.inner.put_checked(key, segments, crc32c)
+
     async def delete(self, key: str) -> None:
         await self.inner.delete(key)
 

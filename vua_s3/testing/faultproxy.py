@@ -12,6 +12,7 @@ answer is read before it is passed on, so a rule can rewrite or cut it. Rules
 * ``truncate``: send the first ``after_bytes`` of the body with a matching Content-Length
 * ``cut``: send the original Content-Length, ``after_bytes`` of the body, then reset
 * ``flip``: invert the byte at ``offset`` of the body (negative counts from the end)
+* ``flip_upload``: invert the byte at ``offset`` of the request body on its way upstream
 * ``replace``: send ``body`` instead of the upstream body
 
 :meth:`FaultProxy.down` stops listening and resets every open connection (the
@@ -222,6 +223,10 @@ class FaultProxy:
             return False
         body = await reader.readexactly(length) if length else await _read_chunked(reader, headers)
         request.body_size = len(body)
+        if fault is not None and fault.action == "flip_upload" and body:
+            damaged = bytearray(body)
+            damaged[fault.offset] ^= 0xFF
+            body = bytes(damaged)
         if fault is not None and fault.action == "status":
             payload = _S3_ERROR.format(code=fault.code, message=f"injected by faultproxy ({fault.code})").encode()
             if method == "HEAD":
@@ -247,7 +252,7 @@ class FaultProxy:
             return False
         request.status = response.status
         data = response.body
-        if fault is None or fault.action in ("delay", "hold"):
+        if fault is None or fault.action in ("delay", "hold", "flip_upload"):
             writer.write(response.with_body(data, len(data) if method != "HEAD" else _length(response)))
         elif fault.action == "truncate":
             writer.write(response.with_body(data[: fault.after_bytes]))

@@ -59,6 +59,11 @@ class SeaweedS3(EmbeddedS3):
         self._process: subprocess.Popen[bytes] | None = None
         self._dir: Path | None = None
 
+    @property
+    def pid(self) -> int | None:
+        """The server process, while it runs (the bench reads its CPU time)."""
+        return None if self._process is None else self._process.pid
+
     def start(self) -> SeaweedS3:
         self._dir = Path(tempfile.mkdtemp(prefix="vua-s3-seaweed-"))
         try:

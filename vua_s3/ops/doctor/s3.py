@@ -13,6 +13,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import boto3
+from awscrt.checksums import crc32c
 from botocore.exceptions import BotoCoreError, ClientError, SSLError
 from botocore.exceptions import ConnectionError as BotoConnectionError
 
@@ -20,6 +21,7 @@ from ... import logsafe
 from ...storage import ObjectInfo
 from ...storage.s3 import S3Store
 from ...storage.s3.errors import CHECKSUM_REFUSALS, DENIED, NO_BUCKET, NOT_FOUND, PRECONDITION_FAILED, error_code
+from ...storage.s3.upload import BAD_DIGEST, HEADER_REFUSED, checksum_header
 from .common import FAIL, PASS, SKIP, WARN, Check, fragment_round_trip
 from .refresh import refresh_check
 
@@ -29,7 +31,7 @@ def s3_checks(store: S3Store) -> list[Check]:
     return _S3Doctor(store).run()
 
 
-def _s3_client(store: S3Store, **config: str) -> Any:
+def _s3_client(store: S3Store, **config: Any) -> Any:
     """A plain boto3 client with the store's settings (``config`` overrides, e.g. another checksum mode)."""
     s = store.settings
     logsafe.install()
@@ -86,6 +88,13 @@ class _S3Doctor:
             else:
                 status, detail = (WARN, detail[5:]) if detail.startswith("warn:") else (PASS, detail)
                 self.checks.append(Check(name, status, detail, fix if status == WARN else ""))
+        if any(c.name == "put" and c.status == FAIL for c in self.checks):
+            self.checks.append(Check("upload checksum", SKIP, "needs a put"))
+        else:
+            try:
+                self.checks.append(self._upload_checksum(client))
+            except (ClientError, BotoCoreError) as exc:
+                self._fail("upload checksum", exc, f"grant s3:PutObject on {objects}", "set upload_checksum=off")
         if all(c.status in (PASS, WARN) for c in self.checks if c.name in ("put", "get")):
             self.checks.append(asyncio.run(self._refresh(client)))
         else:
@@ -111,8 +120,10 @@ class _S3Doctor:
         self.checks.append(Check(name, FAIL, detail, fix))
 
     def _skip_rest(self) -> list[Check]:
-        names = ["put", "head", "get", "ranged get", "multipart", "conditional put", "checksums", "delete"]
-        names += ["refresh", "fragments"]
+        names = (
+            "put", "head", "get", "ranged get", "multipart", "conditional put", "checksums", "delete",
+            "upload checksum", "refresh", "fragments",
+        )  # fmt: skip
         for name in names:
             self.checks.append(Check(name, SKIP, "needs the checks above"))
         return self.checks
@@ -280,6 +291,41 @@ class _S3Doctor:
             client.delete_object(Bucket=self.bucket, Key=key)
         return f"CRC32 checksum headers accepted (checksum={self.store.settings.checksum} in use)"
 
+    def _upload_checksum(self, client: Any) -> Check:
+        """Whether the endpoint takes ``x-amz-checksum-crc32c`` and checks it (a wrong one is
+        refused): which ``upload_checksum`` and ``payload_signing`` fit."""
+        s, key, sse = self.store.settings, self.scratch + "-crc32c", self.store.sse_params("PutObject")
+        crc = crc32c(self.payload)
+        name = "upload checksum"
+        try:
+            client.put_object(
+                Bucket=self.bucket, Key=key, Body=self.payload, ChecksumCRC32C=checksum_header(crc), **sse
+            )
+        except ClientError as exc:
+            if error_code(exc) not in HEADER_REFUSED:
+                raise
+            detail = f"x-amz-checksum-crc32c refused ({error_code(exc)})"
+            fix = "set upload_checksum=off (auto also stops sending it after the first refused put)"
+            return Check(name, WARN, detail, fix if s.upload_checksum != "off" else "")
+        once = _s3_client(self.store, retries={"total_max_attempts": 1})
+        try:
+            once.put_object(
+                Bucket=self.bucket, Key=key, Body=self.payload, ChecksumCRC32C=checksum_header(crc ^ 1), **sse
+            )
+        except ClientError as exc:
+            if error_code(exc) != BAD_DIGEST:
+                raise
+        else:
+            detail = "x-amz-checksum-crc32c accepted but not checked (a wrong one was stored)"
+            fix = "damaged uploads are caught only when read: over plain HTTP keep payload_signing=auto (signed)"
+            return Check(name, WARN, detail, fix)
+        detail = "x-amz-checksum-crc32c accepted and checked: a damaged upload is refused"
+        if s.upload_checksum == "off":
+            return Check(name, WARN, detail + " (upload_checksum=off sends none)", "set upload_checksum=auto")
+        if not s.signs_payload() or urlsplit(s.endpoint_url or "https://").scheme == "https":
+            return Check(name, PASS, f"{detail} (upload_checksum={s.upload_checksum})")
+        return Check(name, PASS, f"{detail}; on a trusted network payload_signing=off saves the body's SHA-256")
+
     def _delete(self, client: Any) -> str:
         for key in (self.scratch, self.scratch + "-multipart"):
             client.delete_object(Bucket=self.bucket, Key=key)
@@ -315,6 +361,7 @@ class _S3Doctor:
 
     def _cleanup(self, client: Any) -> None:
         """Scratch keys go even when a check failed half-way."""
-        for key in (self.scratch, self.scratch + "-multipart", self.scratch + "-checksum", self.scratch + "-refresh"):
+        scratch = [self.scratch + suffix for suffix in ("", "-multipart", "-checksum", "-crc32c", "-refresh")]
+        for key in scratch:
             with contextlib.suppress(ClientError, BotoCoreError):  # the failed check already says why
                 client.delete_object(Bucket=self.bucket, Key=key)

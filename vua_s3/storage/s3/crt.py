@@ -172,8 +172,9 @@ class CrtTransport:
             too = "short" if found < length else "long"
             raise SizeMismatchError(f"the answer for {name} is too {too}: {found} bytes, expected {length}")
 
-    async def put(self, name: str, segments: Sequence[memoryview], size: int) -> None:
-        """PUT the concatenation of ``segments`` (``size`` bytes) as ``name``."""
+    async def put(self, name: str, segments: Sequence[memoryview], size: int, checksum: str | None) -> None:
+        """PUT the concatenation of ``segments`` (``size`` bytes) as ``name``, with
+        ``checksum`` as its ``x-amz-checksum-crc32c`` if given (a single request only)."""
         await self._refresh()
         s3 = self._s3
         signing = self._signing
@@ -185,6 +186,8 @@ class CrtTransport:
             ("Content-Length", str(size)),
             ("Content-Type", "application/octet-stream"),
         ]
+        if checksum is not None:
+            headers.append(("x-amz-checksum-crc32c", checksum))
         http_request = _http_request("PUT", self._path(name), headers, SegmentBody(segments))
         await self._run(
             "PutObject",
@@ -192,7 +195,7 @@ class CrtTransport:
                 type=s3.S3RequestType.PUT_OBJECT,
                 request=http_request,
                 signing_config=signing,
-                checksum_config=self._checksum_put,
+                checksum_config=self._checksum_put if checksum is None else None,
             ),
         )
 

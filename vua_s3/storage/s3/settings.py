@@ -106,9 +106,13 @@ class S3Settings:
     ``aiobotocore``, or ``auto``: crt when the settings allow it (no SSE, no proxy), else
     aiobotocore."""
     payload_signing: str = "auto"
-    """``auto`` signs request bodies as botocore does (SHA-256 over plain HTTP, and over
-    HTTPS unless a checksum header goes along); ``off`` sends UNSIGNED-PAYLOAD, for trusted
-    plain-HTTP networks only (``docs/storage.md``); ``on`` always signs."""
+    """``auto`` signs request bodies (SHA-256) over plain HTTP and sends UNSIGNED-PAYLOAD
+    over HTTPS, where TLS protects the body; ``off`` never signs, for trusted plain-HTTP
+    networks only; ``on`` always signs (``docs/storage.md``)."""
+    upload_checksum: str = "auto"
+    """``auto`` sends each single-request PUT's CRC-32C as ``x-amz-checksum-crc32c``, so a
+    server that checks it refuses a body damaged on the way, and stops sending it if the
+    endpoint refuses the header; ``crc32c`` always sends it; ``off`` never does."""
 
     @classmethod
     def from_query(cls, query: str) -> S3Settings:
@@ -141,11 +145,10 @@ class S3Settings:
         return settings
 
     def signs_payload(self) -> bool:
-        """Whether request bodies are signed, deciding ``auto`` as botocore does."""
+        """Whether request bodies are signed: ``auto`` signs over plain HTTP only."""
         if self.payload_signing != "auto":
             return self.payload_signing == "on"
-        https = (self.endpoint_url or "https://").lower().startswith("https://")
-        return not (https and self.checksum == "when_supported")
+        return not (self.endpoint_url or "https://").lower().startswith("https://")
 
     def client_kwargs(self, **config: Any) -> dict[str, Any]:
         """The arguments of a boto3/aioboto3 ``client("s3", ...)`` call for these settings; the one
@@ -164,9 +167,7 @@ class S3Settings:
             connect_timeout=self.connect_timeout,
             read_timeout=self.read_timeout,
             retries={"total_max_attempts": self.max_attempts, "mode": self.retry_mode},
-            s3={"addressing_style": self.addressing}
-            if self.payload_signing == "auto"
-            else {"addressing_style": self.addressing, "payload_signing_enabled": self.payload_signing == "on"},
+            s3={"addressing_style": self.addressing, "payload_signing_enabled": self.signs_payload()},
             request_checksum_calculation=self.checksum,
             response_checksum_validation=self.checksum,
         )
@@ -191,6 +192,7 @@ _SETTING_PARSERS: dict[str, Callable[[str], Any]] = {
     "sse_kms_key_id": str,
     "transport": _parse_choice("auto", "crt", "aiobotocore"),
     "payload_signing": _parse_choice("auto", "on", "off"),
+    "upload_checksum": _parse_choice("auto", "crc32c", "off"),
 }
 assert set(_SETTING_PARSERS) == {f.name for f in fields(S3Settings)}
 

@@ -10,7 +10,6 @@ remains) and come down as concurrent ranged GETs into the caller's buffer.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import math
 import os
 from collections import Counter
@@ -29,11 +28,12 @@ from ...errors import InvalidLocationError, ObjectNotFoundError, SizeMismatchErr
 from ...logsafe import redact_url
 from ...loop import gather_or_cancel
 from ..base import Buffer, ObjectInfo, Store
-from .body import SegmentBody, cut, receive
+from .body import receive
 from .crt import CrtTransport
 from .direct_probe import DirectProbe
 from .errors import PRECONDITION_FAILED, error_code, map_error
 from .settings import SSE_C_OPERATIONS, SSE_WRITES, S3Settings, crt_installed, sse_c_key
+from .upload import Uploads
 
 _T = TypeVar("_T")
 #: What a refresh sets the Content-Type to, as the awscrt writer does (``crt.py``); no reader checks it.
@@ -79,6 +79,7 @@ class S3Store(Store):
         self._client_lock: dict[asyncio.AbstractEventLoop, asyncio.Lock] = {}
         self.requests: Counter[str] = Counter()
         """Requests made, by S3 operation (retries not counted): for benchmarks and diagnostics."""
+        self._uploads = Uploads(bucket, self.settings, self._call)
 
     @classmethod
     def from_url(cls, url: str, *, session: aioboto3.Session | None = None) -> S3Store:
@@ -271,64 +272,20 @@ class S3Store(Store):
         await self.put_segments(key, [memoryview(data)])
 
     async def put_segments(self, key: str, segments: Sequence[memoryview]) -> None:
-        name = self.object_key(key)
-        segments = [s.cast("B") if s.format != "B" or s.ndim != 1 else s for s in segments]
-        size = sum(len(s) for s in segments)
+        await self._put(key, segments, None)
+
+    async def put_checked(self, key: str, segments: Sequence[memoryview], crc32c: int) -> None:
+        await self._put(key, segments, crc32c)
+
+    async def _put(self, key: str, segments: Sequence[memoryview], crc32c: int | None) -> None:
+        views = [s.cast("B") if s.format != "B" or s.ndim != 1 else s for s in segments]
         await self._client()
-        crt = self._crt
-        if crt is not None and size and crt.can_put(size):  # empty bodies: as in get_into
-            await self._call("put_object", key, lambda _: crt.put(name, segments, size))
-            return
-        if size <= self.settings.multipart_threshold:
-            body: Any = SegmentBody(segments) if size else b""
-            await self._call("put_object", key, lambda c: c.put_object(Bucket=self.bucket, Key=name, Body=body))
-            return
-        await self._put_multipart(key, name, segments, size)
+        await self._uploads.put(key, self.object_key(key), views, sum(len(s) for s in views), crc32c, self._crt)
 
-    async def _put_multipart(self, key: str, name: str, segments: list[memoryview], size: int) -> None:
-        created = await self._call(
-            "create_multipart_upload", key, lambda c: c.create_multipart_upload(Bucket=self.bucket, Key=name)
-        )
-        upload_id = created["UploadId"]
-        step = self.settings.part_size
-        try:
-            parts = await gather_or_cancel(
-                *(
-                    self._upload_part(key, name, upload_id, number, SegmentBody(cut(segments, start, start + step)))
-                    for number, start in enumerate(range(0, size, step), 1)
-                )
-            )
-            await self._call(
-                "complete_multipart_upload",
-                key,
-                lambda c: c.complete_multipart_upload(
-                    Bucket=self.bucket, Key=name, UploadId=upload_id, MultipartUpload={"Parts": list(parts)}
-                ),
-            )
-        except BaseException:
-            # Shielded so a cancelled put still removes its parts from the server. The abort
-            # then runs on alone: its failure is retrieved here (gc removes what it left).
-            abort = asyncio.ensure_future(
-                self._call(
-                    "abort_multipart_upload",
-                    key,
-                    lambda c: c.abort_multipart_upload(Bucket=self.bucket, Key=name, UploadId=upload_id),
-                )
-            )
-            abort.add_done_callback(lambda task: task.cancelled() or task.exception())
-            with contextlib.suppress(Exception):
-                await asyncio.shield(abort)
-            raise
-
-    async def _upload_part(
-        self, key: str, name: str, upload_id: str, number: int, chunk: SegmentBody
-    ) -> dict[str, Any]:
-        response = await self._call(
-            "upload_part",
-            key,
-            lambda c: c.upload_part(Bucket=self.bucket, Key=name, UploadId=upload_id, PartNumber=number, Body=chunk),
-        )
-        return {"PartNumber": number, "ETag": response["ETag"]}
+    @property
+    def sends_checksum(self) -> bool:
+        """Whether single-request PUTs carry ``x-amz-checksum-crc32c`` now (``upload_checksum``)."""
+        return self._uploads.sends_checksum
 
     async def head_many(self, keys: Sequence[str]) -> list[ObjectInfo | None]:
         return await gather_or_cancel(*(self._head(key) for key in keys))
