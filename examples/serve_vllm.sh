@@ -9,27 +9,27 @@
 #          /mnt/shared/kv  or  file:///mnt/shared/kv
 #
 # Needs vLLM and vua_s3 in the same environment, python3 and vllm on PATH
-# (scripts/vllm_venv.sh builds one for CPU: PATH=~/.cache/vua_s3/vllm-venv/bin:$PATH). S3 credentials come from the usual places: AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY,
+# (scripts/vllm_venv.sh builds one for CPU: PATH=~/.cache/vua_s3/vllm-venv/bin:$PATH).
+# S3 credentials come from the usual places: AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY,
 # AWS_PROFILE (or ?profile= in the URL), an instance role.
 #
-# Every engine that points at the same URL and runs the same model (same dtype,
-# tensor-parallel size) reuses what the others stored: a prompt whose first
-# split_factor-token groups are in the store skips their prefill.
+# Every engine that points at the same URL and runs the same model reuses what the
+# others stored: a prompt whose first split_factor-token groups are in the store skips
+# their prefill. "The same model" is checked, not assumed: the connector derives the
+# namespace and identity from vLLM's resolved config, the weights (hub commit, or the
+# files of a local directory), dtypes, KV dtype, quantization, adapters and draft
+# layers, and refuses at start-up what it cannot store correctly (docs/vllm.md).
 #
 # GPU deployments:
-# * One fragment holds one tensor-parallel rank's heads for all layers, so each rank
-#   writes and reads its own objects (namespace "...tp4r2..."); the scheduler probes
-#   every rank in one wave of HEADs and counts a group as stored only if all have it.
-#   Engines with another --tensor-parallel-size use other namespaces.
-# * Saves copy each finished group out of the paged cache after the forward pass, on a
-#   side stream ordered after the compute stream, into pinned host buffers (untested: no
-#   GPU was available); encoding and upload run on a background thread.
-#   max_pending_save_bytes bounds the captured KV waiting for upload (one group is
-#   layers x 2 x kv_heads/tp x split_factor x head_dim x dtype bytes, 32 MiB for
-#   Llama-3-8B bf16 at 256 tokens); past it, new groups are skipped, not waited for.
+# * One object per group and KV head: each tensor-parallel rank writes and reads its
+#   own heads, so engines of every --tensor-parallel-size share one namespace.
+# * Saves copy each finished group out of the paged cache after the forward pass into
+#   pinned host buffers; encoding and upload run on a background thread.
+#   max_pending_save_bytes bounds the captured KV waiting for upload; past it, new
+#   groups are skipped, not waited for.
 # * Lookups and loads never stall the engine: a request waits (WAITING_FOR_REMOTE_KVS)
-#   while its groups are fetched, each copied to the GPU from pinned memory as it arrives;
-#   the others keep running. Raise max_inflight for more parallel GETs on fast stores.
+#   while its groups are fetched; the others keep running. Raise max_inflight for more
+#   parallel GETs on fast stores.
 # * split_factor must be a multiple of --block-size (256 suits every vLLM block size).
 # * --enable-prefix-caching stays useful: local hits are served from GPU memory and
 #   only the rest is fetched.
@@ -49,7 +49,7 @@ print(json.dumps({
         "url": sys.argv[1],
         "split_factor": 256,
         "max_inflight": 8,
-        "max_pending_saves": 64,
+        "max_pending_save_bytes": 1 << 30,
     },
 }))
 PY
