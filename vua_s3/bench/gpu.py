@@ -39,6 +39,7 @@ from ..sync import VUA
 from ..testing.moto import EMBEDDED_CREDENTIALS, EMBEDDED_REGION, MotoProcess
 from ..vua import AsyncVUA, ClosestKV
 from .clients import CrtClient
+from .file_floors import read_files, write_files
 from .report import Sample, context, summarize
 
 NO_CUDA = "no CUDA device: the figures are a CPU stand-in (pageable memory, host-to-host copies), not a GPU's"
@@ -88,43 +89,6 @@ class _Host:
 def synchronize(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-
-
-def _shares(count: int, threads: int) -> list[range]:
-    step = -(-count // max(1, threads))
-    return [range(i, min(i + step, count)) for i in range(0, count, step)]
-
-
-def _read_files(paths: Sequence[str], views: Sequence[memoryview], pool: ThreadPoolExecutor, threads: int) -> None:
-    def read(share: range) -> None:
-        for i in share:
-            fd = os.open(paths[i], os.O_RDONLY)
-            try:
-                filled, view = 0, views[i]
-                while filled < len(view):
-                    n = os.preadv(fd, [view[filled:]], filled)
-                    if not n:
-                        raise OSError(f"{paths[i]} is shorter than {len(view)} bytes")
-                    filled += n
-            finally:
-                os.close(fd)
-
-    list(pool.map(read, _shares(len(paths), threads)))
-
-
-def _write_files(paths: Sequence[str], views: Sequence[memoryview], pool: ThreadPoolExecutor, threads: int) -> None:
-    def write(share: range) -> None:
-        for i in share:
-            fd = os.open(paths[i], os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-            try:
-                view = views[i]
-                while view:
-                    view = view[os.write(fd, view) :]
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-
-    list(pool.map(write, _shares(len(paths), threads)))
 
 
 class _Runs:
@@ -236,10 +200,10 @@ def _posix(options: GpuBenchOptions, device: torch.device, loop: BackgroundLoop)
         with ThreadPoolExecutor(threads, thread_name_prefix="vua-s3-floor") as pool:
 
             def read() -> None:
-                _read_files(paths, host.views, pool, threads)
+                read_files(paths, host.views, pool, threads)
 
             def write() -> None:
-                _write_files(paths, host.views, pool, threads)
+                write_files(paths, host.views, pool, threads)
 
             write()
             for rep in range(options.repeats):
