@@ -164,21 +164,36 @@ def _huge_pages_at(address: int) -> int:
     return huge
 
 
-def test_fresh_memory_lives_exactly_as_long_as_its_tensors() -> None:
+def test_fresh_memory_lives_as_long_as_its_tensors_then_serves_the_next_request() -> None:
     tensor = memory.empty((4, 2, 1 << 20), torch.bfloat16)  # 16 MiB
     address = tensor.data_ptr()
     assert address % memory.HUGE_PAGE == 0 and tensor.is_contiguous() and tensor.dtype == torch.bfloat16
     view = tensor[2, 1]
     del tensor
     gc.collect()
-    assert _mapped(address)  # a view keeps the mapping
+    other = memory.empty((4, 2, 1 << 20), torch.bfloat16)
+    second = other.data_ptr()
+    assert second != address  # a view keeps the mapping: never handed out twice
     view.fill_(1.5)
     assert float(view.sum()) == 1.5 * (1 << 20)
-    del view
+    del view, other
     gc.collect()
-    assert not _mapped(address)  # unmapped with the last tensor on it
+    assert memory.idle_bytes() >= 2 * (16 << 20)
+    again = memory.empty_bytes(16 << 20)
+    assert again.data_ptr() in (address, second)  # faulted in already: no page faults again
+    assert memory.empty_bytes(16 << 20, reuse=False).data_ptr() not in (address, second)
     small = memory.empty((16,), torch.float32)  # below a huge page: plain torch memory
     assert small.numel() == 16
+
+
+def test_idle_memory_past_the_limit_goes_back_to_the_kernel(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(memory, "IDLE_BYTES", 8 << 20)
+    tensor = memory.empty_bytes(16 << 20, reuse=False)
+    address = tensor.data_ptr()
+    del tensor
+    gc.collect()
+    assert not _mapped(address)  # over the idle limit: unmapped with the last tensor on it
+    assert memory.idle_bytes() <= 8 << 20
 
 
 def test_fresh_memory_is_huge_page_backed_where_the_kernel_allows() -> None:

@@ -19,6 +19,16 @@ def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "vllm: runs real vLLM engines (minutes); deselect with -m 'not vllm'")
 
 
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Under pytest-xdist (``scripts/test.sh`` runs ``-n 2 --dist loadgroup``) every engine test
+    goes to one worker: engines run one at a time, as each wants the machine's cores, and the
+    rest of the suite runs beside them on the other worker."""
+    here = Path(__file__).parent
+    for item in items:
+        if here in item.path.parents:
+            item.add_marker(pytest.mark.xdist_group("vllm-engines"))
+
+
 @pytest.fixture(scope="session")
 def vllm_python() -> Path:
     """The vLLM venv's python. Building it needs the package index; if that fails the

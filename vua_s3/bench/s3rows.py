@@ -138,8 +138,9 @@ def crt_load(
 
 def touch_fresh(size: int, huge: bool) -> None:
     """What fresh memory costs: a new buffer of ``size`` bytes, written once (page faults),
-    from ``torch.empty`` (4 KiB pages) or huge-page backed (:mod:`vua_s3.memory`)."""
-    (memory.empty_bytes(size) if huge else torch.empty(size, dtype=torch.uint8)).fill_(1)
+    from ``torch.empty`` (4 KiB pages) or a new huge-page backed mapping (:mod:`vua_s3.memory`,
+    never one it keeps for reuse)."""
+    (memory.empty_bytes(size, reuse=False) if huge else torch.empty(size, dtype=torch.uint8)).fill_(1)
 
 
 async def delete(store: S3Store, keys: list[str]) -> None:
