@@ -48,6 +48,7 @@ def test_bench_vllm_reports_every_scenario(vllm_python: Path, tmp_path: Path) ->
         ((first, second),) = report["per_request"][name]
         assert max(first["ttft_s"], second["ttft_s"]) == run["ttft_max"], (name, first, second)
         assert first["tokens"] == second["tokens"] == 4 and min(first["start_s"], second["start_s"]) >= 0
+        assert first["opening"] == second["opening"] == 0, name  # one document (or system prompt) shared
         store = run["store"]
         size = HOT if name == "hot" else PROMPT
         assert first["prompt_tokens"] == second["prompt_tokens"] == size, name

@@ -22,6 +22,7 @@ from ..testing.moto import EMBEDDED_CREDENTIALS, free_port
 from .report import GIB
 
 _SETTLE_TIMEOUT = 60.0
+_OPENING = 64
 DEFAULT_VLLM_VENV = Path(os.environ.get("VUA_VLLM_VENV", "~/.cache/vua_s3/vllm-venv")).expanduser()
 #: The connector's counters a run reports, as named in ``/metrics`` (``vllm:vua_s3_<name>``).
 STORE_FIGURES = ("lookups", "lookup_seconds", "hit_tokens", "loaded_tokens", "load_bytes", "store_bytes")
@@ -69,15 +70,21 @@ class Server:
 
     def run(self, workload: Workload, model: str, concurrency: int, max_tokens: int) -> dict[str, Any]:
         """``workload``, its figures and every request's (``per_request``: wave, session, turn,
-        start in seconds after the run's, TTFT, tokens)."""
+        ``opening`` (which distinct first 64 tokens it has, in order of first appearance: the
+        document or system prompt it shares), start in seconds after the run's, TTFT, tokens)."""
+        openings: dict[tuple[int, ...], int] = {}
+        for wave in workload:
+            for prompt in (p for turns in wave for p in turns):
+                openings.setdefault(tuple(prompt[:_OPENING]), len(openings))
 
         def session(wave: int, number: int, turns: Session) -> list[dict[str, Any]]:
             done = []
             for turn, prompt in enumerate(turns):
                 start = time.perf_counter() - started
                 ttft, tokens = complete(self.base, model, prompt, max_tokens)
-                done.append({"wave": wave, "session": number, "turn": turn, "start_s": start, "ttft_s": ttft,
-                             "tokens": tokens, "prompt_tokens": len(prompt)})  # fmt: skip
+                opening = openings[tuple(prompt[:_OPENING])]
+                done.append({"wave": wave, "session": number, "turn": turn, "opening": opening, "start_s": start,
+                             "ttft_s": ttft, "tokens": tokens, "prompt_tokens": len(prompt)})  # fmt: skip
             return done
 
         before, cpu_before, load_before = self.metrics(), process_tree_cpu(self.process.pid), os.getloadavg()

@@ -116,10 +116,11 @@ def format_serve_report(report: dict[str, Any]) -> str:
     lines += _table(report, _SERVING_HEAD, serving)
     lines += [""]
     lines += _table(report, _STORE_HEAD, store)
-    lines += ["", "slowest requests (TTFT s; run, wave/session/turn, sent at s after the run's start):"]
+    lines += ["", "slowest requests (TTFT s; run, wave/session/turn, opening, sent at s after the run's start):"]
     for name, per_request in report["per_request"].items():
         worst = ", ".join(
-            f"{r['ttft_s']:.3f} (run {r['run']}, {r['wave']}/{r['session']}/{r['turn']}, +{r['start_s']:.2f})"
+            f"{r['ttft_s']:.3f} (run {r['run']}, {r['wave']}/{r['session']}/{r['turn']}, opening {r['opening']}, "
+            f"+{r['start_s']:.2f})"
             for r in slowest(per_request)
         )
         lines.append(f"- {name}: {worst}")
