@@ -51,6 +51,16 @@ def _integer(text: str) -> int:
 positive_int = _argument_type(lambda text: checks.positive_int("the value", _integer(text)), "positive integer")
 
 
+def _non_negative_int(text: str) -> int:
+    value = _integer(text)
+    if value < 0:
+        raise ValueError(f"the value must be 0 or more, got {value}")
+    return value
+
+
+non_negative_int = _argument_type(_non_negative_int, "non-negative integer")
+
+
 def _positive_ints(text: str) -> tuple[int, ...]:
     try:
         values = tuple(int(part) for part in text.split(","))

@@ -1,5 +1,5 @@
-"""``vua-s3 bench-vllm``: ``vllm serve`` without the connector, on an empty store, on a warm one
-and on a slow one, side by side on the same prompts."""
+"""``vua-s3 bench-vllm``: ``vllm serve`` without the connector, on an empty store, on a warm one,
+on a slow one, with many clients on one new prefix and behind a hot system prompt."""
 
 from __future__ import annotations
 
@@ -8,9 +8,11 @@ import json
 from pathlib import Path
 from typing import Any
 
-from ..bench.serving import DEFAULT_VLLM_VENV, ServeBenchOptions, format_serve_report, run_serve_bench
+from ..bench.serving import DEFAULT_VLLM_VENV
+from ..bench.serving_bench import SCENARIOS, ServeBenchOptions, run_serve_bench
+from ..bench.serving_report import format_serve_report
 from ..config import DEFAULT_SPLIT_FACTOR
-from .args import positive_int
+from .args import non_negative_int, positive_int
 
 
 def add_parser(sub: Any) -> None:
@@ -32,6 +34,14 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--split-factor", type=positive_int, default=DEFAULT_SPLIT_FACTOR, help="tokens per stored group")
     p.add_argument("--latency-ms", type=float, default=20.0, help="added to every store request in the slow scenario")
     p.add_argument("--repeats", type=positive_int, default=3, help="runs per scenario, each on new prompts")
+    p.add_argument(
+        "--scenarios",
+        type=_scenarios,
+        default=SCENARIOS,
+        help=f"comma-separated, run in the bench's order (default all: {','.join(SCENARIOS)})",
+    )
+    p.add_argument("--cpu-hog", type=non_negative_int, default=0, help="busy-loop processes beside the bench")
+    p.add_argument("--per-request", type=Path, help="write every request's TTFT (JSON) to this file")
     p.add_argument(
         "--store",
         choices=["auto", "seaweed", "moto"],
@@ -64,10 +74,23 @@ def bench_vllm(args: argparse.Namespace) -> int:
         split_factor=args.split_factor,
         latency_ms=args.latency_ms,
         repeats=args.repeats,
+        scenarios=args.scenarios,
+        cpu_hog=args.cpu_hog,
         store=args.store,
         vllm_venv=args.vllm_venv,
         work_dir=args.work_dir,
     )
     report = run_serve_bench(options)
+    if args.per_request is not None:
+        keep = ("options", "store", "machine", "date", "load_average_start", "load_average", "per_request")
+        args.per_request.write_text(json.dumps({k: report[k] for k in keep}, indent=1))
     print(json.dumps(report, indent=2) if args.json else format_serve_report(report))
     return 0
+
+
+def _scenarios(text: str) -> tuple[str, ...]:
+    names = tuple(n.strip() for n in text.split(",") if n.strip())
+    unknown = [n for n in names if n not in SCENARIOS]
+    if unknown or not names:
+        raise argparse.ArgumentTypeError(f"unknown scenarios {unknown}: choose from {', '.join(SCENARIOS)}")
+    return names
