@@ -294,3 +294,12 @@ def test_per_step_messages_do_not_grow_with_the_prompt(tmp_path: Path) -> None:
         assert max(sizes) <= min(sizes) * 1.1, sizes  # the first chunk's size, at every chunk
     finally:
         scheduler.close()
+
+
+def test_trust_settings_are_checked() -> None:
+    settings = ConnectorSettings.from_extra_config({"url": "s3://b/p", "known_stored_ttl_s": 5, "known_stored_max": 9})
+    assert (settings.known_stored_ttl_s, settings.known_stored_max) == (5, 9)
+    for bad in ({"known_stored_ttl_s": 0}, {"known_stored_ttl_s": float("inf")}, {"known_stored_max": 0},
+                {"known_stored_max": 1.5}):  # fmt: skip
+        with pytest.raises(ValueError, match=next(iter(bad))):
+            ConnectorSettings.from_extra_config({"url": "s3://b/p", **bad})

@@ -186,8 +186,8 @@ class SchedulerSide:
         return tracked
 
     def _start(self, tracked: _Tracked, first_group: int, *, include_saving: bool) -> None:
-        """Answer from what is trusted, and probe the groups past it (past those being
-        saved here too, when they are likely in the local cache)."""
+        """Answer from what is trusted, and probe the groups past it (past those a live
+        request here is saving too: they are likely in the local cache)."""
         limit = self._limit(tracked)
         keys = tracked.digests[0]
         start = first_group
@@ -195,8 +195,8 @@ class SchedulerSide:
             sizes = self._known.get(keys[start])
             if sizes is not None:
                 tracked.sizes[start] = sizes
-            elif not include_saving or keys[start] not in self._saving:
-                break
+            elif not include_saving or self._saving.get(keys[start]) not in self._tracked:
+                break  # not being computed by a request here now: likely not in the local cache
             start += 1
         tracked.lookup_from, tracked.counted = start, False
         split = self._settings.split_factor
