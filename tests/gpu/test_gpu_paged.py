@@ -29,9 +29,9 @@ from vua_s3 import VUA, AsyncVUA, VUAConfig
 from vua_s3.integrations.vllm.paged import PagedLayer
 from vua_s3.integrations.vllm.plan import LoadSpec, Plan, SaveSpec
 from vua_s3.integrations.vllm.problems import Problems
-from vua_s3.keys import Span
 from vua_s3.integrations.vllm.stats import Recorder
 from vua_s3.integrations.vllm.worker import WorkerSide
+from vua_s3.keys import Span
 from vua_s3.loop import BackgroundLoop
 from vua_s3.shards import HeadRange
 
