@@ -7,10 +7,12 @@ import asyncio
 import threading
 from pathlib import Path
 
+import pytest
 import torch
 from conftest import random_kvcache
 
 from vua_s3 import AsyncVUA, VUAConfig
+from vua_s3.keys import Span
 
 SPLIT = 16
 CFG = VUAConfig(split_factor=SPLIT, namespace="groups")
@@ -67,3 +69,36 @@ def test_load_groups_counts_leading_usable_groups(tmp_path: Path) -> None:
     assert asyncio.run(vua.load_groups(tokens, 0, place)) == 2
     assert sorted(seen) == [0, 1, 3]  # group 3 arrived too, and is not counted
     assert asyncio.run(vua.load_groups(tokens, 0, lambda number, data: number != 1)) == 1
+
+
+def test_spans_write_and_read_groups_without_the_tokens_before_them(tmp_path: Path) -> None:
+    """A caller that chained the sequence hands only a span's digests and tokens: what it
+    writes is the sequence's own objects (``get_closest`` reads them whole), and it reads
+    them back with nothing before the span hashed or fetched."""
+    vua = AsyncVUA(CFG, tmp_path)
+    tokens = torch.arange(4 * SPLIT) + 7
+    kv = random_kvcache(seq_len=4 * SPLIT)
+    chain = CFG.chain(tokens)
+    head, tail = Span.of(chain, 0, 2), Span.of(chain, 2, 4)
+    assert tail.parent == chain[1].digest and tail.stop == 4
+    asyncio.run(vua.put_span(head, tokens[: 2 * SPLIT], kv, [0, 1]))
+    group_kv = [(k[:, :, 2 * SPLIT :], v[:, :, 2 * SPLIT :]) for k, v in kv]  # the tail's KV only
+    asyncio.run(vua.put_span(tail, tokens[2 * SPLIT :], group_kv, [2, 3], kv_start=2 * SPLIT))
+    closest = asyncio.run(vua.get_closest(tokens))
+    assert closest is not None and len(closest.tokens) == 4 * SPLIT
+    for (key, value), (k, v) in zip(kv, closest.data, strict=True):
+        assert torch.equal(key, k) and torch.equal(value, v)
+    placed: dict[int, torch.Tensor] = {}
+
+    def place(number: int, data: torch.Tensor) -> bool:
+        placed[number] = data.clone()
+        return True
+
+    held = [g.digest for g in chain[:2]]
+    assert asyncio.run(vua.load_span(tail, tokens[2 * SPLIT :], place, held=held)) == 2
+    assert sorted(placed) == [2, 3]
+    assert torch.equal(placed[3][0, 0], kv[0][0][0, :, 3 * SPLIT :])
+    wrong = Span.of(CFG.chain(tokens + 1), 2, 4)  # another sequence's names: nothing matches
+    assert asyncio.run(vua.load_span(wrong, tokens[2 * SPLIT :], place)) == 0
+    with pytest.raises(ValueError, match="needs their tokens"):
+        asyncio.run(vua.load_span(tail, tokens[SPLIT:], place))

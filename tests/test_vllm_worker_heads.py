@@ -22,6 +22,7 @@ from vua_s3.integrations.vllm.plan import LoadSpec, Plan, SaveSpec
 from vua_s3.integrations.vllm.problems import Problems
 from vua_s3.integrations.vllm.stats import Recorder
 from vua_s3.integrations.vllm.worker import WorkerSide
+from vua_s3.keys import Span
 from vua_s3.loop import BackgroundLoop
 from vua_s3.shards import rank_heads, rank_writes
 
@@ -30,6 +31,20 @@ GROUPS = 2
 TOKENS = list(range(7, 7 + GROUPS * SPLIT))
 BLOCKS = list(range(GROUPS * SPLIT // BLOCK))
 CFG = VUAConfig(split_factor=SPLIT, namespace="tp-heads")
+
+
+def _span() -> Span:
+    """The request's whole prompt, as the scheduler side names it."""
+    chain = CFG.chain(torch.tensor(TOKENS))
+    return Span.of(chain, 0, len(chain))
+
+
+def _save_spec(blocks: list[int]) -> SaveSpec:
+    return SaveSpec("r", TOKENS, blocks, [_span()])
+
+
+def _load_spec(blocks: list[int], sizes: list[int]) -> LoadSpec:
+    return LoadSpec("r", TOKENS, 0, len(TOKENS), blocks, [_span()], [()], [sizes])
 
 
 def _reference() -> torch.Tensor:
@@ -62,7 +77,7 @@ def _worker(store: Path, loop: BackgroundLoop, tp: int, rank: int, caches: list[
 
 
 def _load(worker: WorkerSide, sizes: list[int]) -> set[int]:
-    worker.start_loads(Plan(loads=[LoadSpec("r", TOKENS, 0, BLOCKS, None, [sizes])]))
+    worker.start_loads(Plan(loads=[_load_spec(BLOCKS, sizes)]))
     deadline = time.monotonic() + 30
     while "r" not in worker.finished_loads():
         assert time.monotonic() < deadline, "the load did not end"
@@ -77,7 +92,7 @@ def test_tp4_writes_each_replicated_head_once_and_tp2_tp1_read_their_heads(tmp_p
         for rank in range(4):  # TP=4: ranks 0, 1 hold head 0; ranks 2, 3 head 1
             head = rank_heads(4, rank, KV_HEADS)
             worker = _worker(tmp_path, loop, 4, rank, _paged(kv, head.heads))
-            worker.start_saves(Plan(saves=[SaveSpec("r", TOKENS, 0, BLOCKS, None)]))
+            worker.start_saves(Plan(saves=[_save_spec(BLOCKS)]))
             worker.fence()
             worker.shutdown()
         names = sorted(p.name.split(".")[1] for p in tmp_path.rglob("*.safetensors"))

@@ -10,7 +10,7 @@ from typing import Generic, TypeVar
 import torch
 
 from .checks import positive_int
-from .keys import Group, chain, check_namespace, group_keys, one_sequence, token_ids
+from .keys import Group, Span, chain, check_namespace, group_keys, one_sequence, token_ids
 
 _R = TypeVar("_R")
 
@@ -89,6 +89,10 @@ class VUAConfig:
     def chain(self, ids: torch.Tensor, salt: str | None = None) -> list[Group]:
         """The groups of a validated token sequence (:func:`~vua_s3.keys.token_ids`) in this cache."""
         return chain(ids, self.split_factor, self.namespace, salt, self.identity)
+
+    def span_groups(self, span: Span) -> list[Group]:
+        """The groups of a :class:`~vua_s3.keys.Span` in this cache."""
+        return span.groups(self.namespace, self.split_factor, self.identity)
 
     # The original VUA spelled it in the singular.
     tokens_to_path = tokens_to_paths

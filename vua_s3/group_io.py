@@ -13,7 +13,7 @@ from . import inputs
 from .assembly import Assembly
 from .config import VUAConfig
 from .fragment import Encoder, KVCache
-from .keys import Group, token_ids, whole_groups
+from .keys import Group, Span, token_ids, whole_groups
 from .loop import gather_or_cancel, in_thread
 from .outage import OutagePolicy
 from .presence import Prober, leading_hits
@@ -109,7 +109,54 @@ class GroupIO:
         if found is None:
             return 0
         ids, chain = found
-        groups = chain[first_group:]
+        return await self._load_chain(ids, chain[first_group:], chain[:first_group], place, sizes, pinned, heads)
+
+    async def load_span(
+        self,
+        span: Span,
+        ids: torch.Tensor,
+        place: Callable[[int, torch.Tensor], bool],
+        sizes: Sequence[int] | None,
+        pinned: bool,
+        heads: HeadRange | None,
+        held: Sequence[bytes],
+    ) -> int:
+        work = self._load_span(span, ids, place, sizes, pinned, heads, held)
+        return await self._policy.guarded("load_span", work, 0)
+
+    async def _load_span(
+        self,
+        span: Span,
+        ids: torch.Tensor,
+        place: Callable[[int, torch.Tensor], bool],
+        sizes: Sequence[int] | None,
+        pinned: bool,
+        heads: HeadRange | None,
+        held: Sequence[bytes],
+    ) -> int:
+        ids = self._span_ids(span, ids)
+        groups = self._config.span_groups(span)
+        start = self._config.span_groups(Span(0, tuple(held), None))
+        return await self._load_chain(ids, groups, start, place, sizes, pinned, heads)
+
+    def _span_ids(self, span: Span, ids: torch.Tensor) -> torch.Tensor:
+        ids = token_ids(ids, self._config.split_factor)
+        if len(ids) != len(span.digests) * self._config.split_factor:
+            raise ValueError(f"a span of {len(span.digests)} groups needs their tokens, got {len(ids)}")
+        return ids
+
+    async def _load_chain(
+        self,
+        ids: torch.Tensor,
+        groups: Sequence[Group],
+        held_groups: Sequence[Group],
+        place: Callable[[int, torch.Tensor], bool],
+        sizes: Sequence[int] | None,
+        pinned: bool,
+        heads: HeadRange | None,
+    ) -> int:
+        """Load ``groups`` (their tokens in ``ids``); ``held_groups``, the chain's start the
+        caller holds itself, only count as used."""
         if sizes is None:
             probed = self._heads.probed(inputs.heads(heads))
             sizes = [info.size for info in leading_hits(await self._prober.wave(groups, probed))]
@@ -132,8 +179,8 @@ class GroupIO:
                 break
             usable += 1
         held = self._heads.resolve(heads)
-        if usable and first_group and held is not None:  # the chain's start, which the caller holds
-            self._io.used(chain[:first_group], held.heads)
+        if usable and held_groups and held is not None:
+            self._io.used(held_groups, held.heads)
         return usable
 
     async def _load_into(
@@ -160,9 +207,29 @@ class GroupIO:
         salt: str | None,
         heads: HeadRange | None,
     ) -> None:
+        chain = self._config.chain(ids, inputs.salt(salt))
+        await self._write(ids, kvcache, [chain[number] for number in groups], kv_start, heads)
+
+    async def put_span(
+        self,
+        span: Span,
+        ids: torch.Tensor,
+        kvcache: KVCache,
+        groups: Sequence[int],
+        kv_start: int,
+        heads: HeadRange | None,
+    ) -> None:
+        ids = self._span_ids(span, ids)
+        chain = self._config.span_groups(span)
+        if any(not span.first <= number < span.stop for number in groups):
+            raise ValueError(f"groups {list(groups)} are not all in the span [{span.first}, {span.stop})")
+        await self._write(ids, kvcache, [chain[number - span.first] for number in groups], kv_start, heads)
+
+    async def _write(
+        self, ids: torch.Tensor, kvcache: KVCache, groups: Sequence[Group], kv_start: int, heads: HeadRange | None
+    ) -> None:
         held = inputs.held_heads(kvcache, heads)
         self._heads.learn(held.total)
-        chain = self._config.chain(ids, inputs.salt(salt))
         encoder = Encoder(kvcache, 0, first_head=held.start)
-        writes = (self._io.write_group(encoder, kv_start, ids, chain[number], held) for number in groups)
+        writes = (self._io.write_group(encoder, kv_start, ids, group, held) for group in groups)
         await gather_or_cancel(*writes)

@@ -25,7 +25,7 @@ from __future__ import annotations
 import hashlib
 import re
 import sys
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -177,6 +177,9 @@ class Group:
     parent: bytes | None
     identity: str = ""
     """The writer's model identity (``VUAConfig.identity``), checked on read."""
+    ids_from: int = 0
+    """The token the ids this group is written from and checked against begin at: 0 for a
+    whole sequence, the first group's start for a :class:`Span`."""
 
     @property
     def start(self) -> int:
@@ -186,6 +189,10 @@ class Group:
     @property
     def stop(self) -> int:
         return self.start + self.split_factor
+
+    def tokens(self, ids: torch.Tensor) -> torch.Tensor:
+        """This group's tokens of ``ids`` (which begin at token :attr:`ids_from`)."""
+        return ids[self.start - self.ids_from : self.stop - self.ids_from]
 
     def key(self, head: int) -> str:
         """The key of KV head ``head``'s object."""
@@ -209,8 +216,8 @@ class Group:
 
     def check(self, frag: fragment.Fragment, ids: torch.Tensor, head: int) -> None:
         """Raise :class:`~vua_s3.errors.FragmentError` unless ``frag`` is KV head ``head`` of
-        this group and holds its tokens of ``ids`` (the whole query)."""
-        fragment.check_group(frag, self.metadata(), ids[self.start : self.stop], head)
+        this group and holds its tokens of ``ids`` (the whole query, or a span's tokens)."""
+        fragment.check_group(frag, self.metadata(), self.tokens(ids), head)
 
 
 def chain(ids: torch.Tensor, split_factor: int, namespace: str, salt: str | None, identity: str = "") -> list[Group]:
@@ -220,6 +227,40 @@ def chain(ids: torch.Tensor, split_factor: int, namespace: str, salt: str | None
         Group(namespace, split_factor, i, digest, digests[i - 1] if i else None, identity)
         for i, digest in enumerate(digests)
     ]
+
+
+@dataclass(frozen=True)
+class Span:
+    """Consecutive groups of one token sequence, named without the tokens before them: the
+    number of the first, their chained digests and the digest of the group before it
+    (``None`` at group 0). A caller that already chained a sequence hands a span and the
+    span's tokens to :meth:`~vua_s3.AsyncVUA.load_span` and :meth:`~vua_s3.AsyncVUA.put_span`,
+    so a message about a few new groups of a long prompt stays as small as those groups."""
+
+    first: int
+    digests: tuple[bytes, ...]
+    parent: bytes | None
+
+    @classmethod
+    def of(cls, groups: Sequence[Group], start: int, stop: int) -> Span:
+        """Groups ``[start, stop)`` of a chain (:func:`chain`)."""
+        if not 0 <= start <= stop <= len(groups):
+            raise ValueError(f"span [{start}, {stop}) is not within the chain's {len(groups)} groups")
+        return cls(start, tuple(g.digest for g in groups[start:stop]), groups[start - 1].digest if start else None)
+
+    @property
+    def stop(self) -> int:
+        """The group after the last."""
+        return self.first + len(self.digests)
+
+    def groups(self, namespace: str, split_factor: int, identity: str = "") -> list[Group]:
+        """The span's groups; their tokens are read from ids beginning at the first's start."""
+        parents = (self.parent, *self.digests)[: len(self.digests)]
+        base = self.first * split_factor
+        return [
+            Group(namespace, split_factor, self.first + i, digest, parent, identity, ids_from=base)
+            for i, (digest, parent) in enumerate(zip(self.digests, parents, strict=True))
+        ]
 
 
 def group_keys(

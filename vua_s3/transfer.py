@@ -80,7 +80,7 @@ class ObjectIO:
         encode = functools.partial(
             encoder.encode,
             group.start - kv_start,
-            ids[group.start : group.stop],
+            group.tokens(ids),
             group.metadata(),
             head=head,
             kv_heads=heads.total,

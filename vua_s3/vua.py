@@ -13,7 +13,7 @@ from .assembly import Assembly, BufferPool
 from .config import VUAConfig
 from .fragment import Encoder, KVCache
 from .group_io import GroupIO
-from .keys import Group, token_ids, whole_groups
+from .keys import Group, Span, token_ids, whole_groups
 from .loop import gather_or_cancel
 from .outage import Interrupted, OutagePolicy
 from .presence import KnownPresent, Prober, leading_hits
@@ -313,6 +313,36 @@ class AsyncVUA:
         ``place`` has returned by then, also on error, timeout or cancellation.
         """
         return await self._quietly(self._groups.load_groups(tokens, first_group, place, sizes, salt, pinned, heads))
+
+    async def load_span(
+        self,
+        span: Span,
+        ids: torch.Tensor,
+        place: Callable[[int, torch.Tensor], bool],
+        *,
+        sizes: Sequence[int] | None = None,
+        pinned: bool = False,
+        heads: HeadRange | None = None,
+        held: Sequence[bytes] = (),
+    ) -> int:
+        """:meth:`load_groups` for a caller that chained the sequence itself: the groups of
+        ``span`` (:class:`~vua_s3.keys.Span`), whose tokens are ``ids``, and nothing before
+        them is hashed or sent. ``held`` are the digests of the groups before the span that
+        the caller holds itself (they count as used, for ``refresh_after``)."""
+        return await self._quietly(self._groups.load_span(span, ids, place, sizes, pinned, heads, held))
+
+    async def put_span(
+        self,
+        span: Span,
+        ids: torch.Tensor,
+        kvcache: KVCache,
+        groups: Sequence[int],
+        *,
+        kv_start: int = 0,
+        heads: HeadRange | None = None,
+    ) -> None:
+        """:meth:`put_groups` for the groups ``groups`` of ``span``, whose tokens are ``ids``."""
+        await self._quietly(self._groups.put_span(span, ids, kvcache, groups, kv_start, heads))
 
     async def put_groups(
         self,

@@ -31,6 +31,7 @@ from vua_s3.integrations.vllm.plan import LoadSpec, Plan, SaveSpec
 from vua_s3.integrations.vllm.problems import Problems
 from vua_s3.integrations.vllm.stats import Recorder
 from vua_s3.integrations.vllm.worker import WorkerSide
+from vua_s3.keys import Span
 from vua_s3.loop import BackgroundLoop
 from vua_s3.shards import HeadRange
 
@@ -54,6 +55,20 @@ CACHES = [
     pytest.param("FLASH_ATTN", "BLNHC", 1, id="flash_attn-BLNHC"),
     pytest.param("FLASHINFER", "BLHNC", 1, id="flashinfer-BLHNC"),
 ]
+
+
+def _span() -> Span:
+    """The request's whole prompt, as the scheduler side names it."""
+    chain = CFG.chain(torch.tensor(TOKENS))
+    return Span.of(chain, 0, len(chain))
+
+
+def _save_spec(blocks: list[int]) -> SaveSpec:
+    return SaveSpec("r", TOKENS, blocks, [_span()])
+
+
+def _load_spec(blocks: list[int], sizes: list[int]) -> LoadSpec:
+    return LoadSpec("r", TOKENS, 0, len(TOKENS), blocks, [_span()], [()], [sizes])
 
 
 def vllm_caches(layout: str, ratio: int, device: str, fill: float = 0.0) -> list[torch.Tensor]:
@@ -107,13 +122,13 @@ def make_worker(store: Path, loop: BackgroundLoop, caches: list[torch.Tensor], b
 
 
 def save(worker: WorkerSide) -> None:
-    worker.start_saves(Plan(saves=[SaveSpec("r", TOKENS, 0, REQUEST_BLOCKS, None)]))
+    worker.start_saves(Plan(saves=[_save_spec(REQUEST_BLOCKS)]))
     worker.fence()
 
 
 def load(worker: WorkerSide, loop: BackgroundLoop, store: Path) -> set[int]:
     sizes = loop.run(AsyncVUA(CFG, store).stored_sizes(torch.tensor(TOKENS)))
-    worker.start_loads(Plan(loads=[LoadSpec("r", TOKENS, 0, REQUEST_BLOCKS, None, [sizes])]))
+    worker.start_loads(Plan(loads=[_load_spec(REQUEST_BLOCKS, sizes)]))
     deadline = time.monotonic() + 60
     while "r" not in worker.finished_loads():
         assert time.monotonic() < deadline, "the load did not end"
@@ -191,7 +206,7 @@ def test_capture_waits_for_the_compute_stream_and_is_done_at_the_fence(
         # The forward pass: busy, then the request's last KV writes, queued; the host does not wait.
         _busy(device)
         write_request(caches, kv, ratio, request)
-        worker.start_saves(Plan(saves=[SaveSpec("r", TOKENS, 0, REQUEST_BLOCKS, None)]))
+        worker.start_saves(Plan(saves=[_save_spec(REQUEST_BLOCKS)]))
         # Meanwhile another stream writes other blocks.
         with torch.cuda.stream(writer) if writer is not None else contextlib.nullcontext():
             for step in range(20):

@@ -134,6 +134,7 @@ class VUAS3Connector(KVConnectorBase_V1):  # type: ignore[misc]
                 self._settings, probes, self._loop, self._breaker, self._stats, self._block_size,
                 heads=HeadRange.all(vllm_config.model_config.get_total_num_kv_heads()),
                 load=bool(transfer.is_kv_consumer), save=bool(transfer.is_kv_producer), where=self._where,
+                share_loads=bool(vllm_config.cache_config.enable_prefix_caching),
             )  # fmt: skip
             log.info(
                 "%s: scheduler side on %s, split_factor=%d, namespaces %s",
@@ -159,9 +160,16 @@ class VUAS3Connector(KVConnectorBase_V1):  # type: ignore[misc]
 
     # ------------------------------------------------------------------ scheduler side
 
+    def on_new_request(self, request: Request) -> None:
+        """Start the request's lookup as it arrives, so it is usually answered by the time
+        the scheduler first looks at the request."""
+        assert self._scheduler is not None
+        self._scheduler.arrived(request)
+
     def get_num_new_matched_tokens(self, request: Request, num_computed_tokens: int) -> tuple[int | None, bool]:
         """Stored prompt tokens past the local prefix cache, in whole groups; ``None``
-        while the lookup is still out (vLLM asks again on a later step)."""
+        while the lookup is still out or another request loads the same groups (vLLM asks
+        again on a later step)."""
         assert self._scheduler is not None
         return self._scheduler.matched(request, num_computed_tokens)
 

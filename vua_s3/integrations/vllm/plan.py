@@ -1,43 +1,61 @@
-"""What the scheduler side tells the workers each step (picklable, no vLLM types)."""
+"""What the scheduler side tells the workers each step (picklable, no vLLM types).
+
+Specs name their groups by digests the scheduler chained once per request
+(:class:`~vua_s3.keys.Span`, one per pipeline stage, whose namespaces differ) and carry
+only those groups' tokens, so a chunk's message stays as small as the chunk's groups
+however long the prompt before them.
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from ...keys import Span
+
 
 @dataclass
 class LoadSpec:
-    """Load tokens ``[start, len(tokens))`` of a request into its blocks.
+    """Load tokens ``[start, end)`` of a request into its blocks.
 
-    ``tokens`` is the stored prefix from token 0 (the key chain needs all of it);
     ``start`` is where the local prefix cache ends, so only groups from
-    ``start // split_factor`` on are fetched; ``block_ids`` are the request's blocks
-    from token 0 on; ``sizes`` holds, per rank, the object sizes of those groups (the
-    lookup's probe, so the workers fetch without probing again).
+    ``start // split_factor`` on are fetched: ``spans[stage]`` names them and ``tokens``
+    are their tokens (from that group's first token); ``held[stage]`` are the digests of
+    the groups before (held locally, counted as used). ``block_ids`` are the request's
+    blocks from token 0 on; ``sizes`` holds, per stage, the object sizes of the fetched
+    groups (the lookup's probe, so the workers fetch without probing again).
     """
 
     req_id: str
     tokens: list[int]
     start: int
+    end: int
     block_ids: list[int]
-    salt: str | None
+    spans: list[Span]
+    held: list[tuple[bytes, ...]]
     sizes: list[list[int]]
 
 
 @dataclass
 class SaveSpec:
-    """Store groups ``[first_group, len(tokens) // split_factor)`` of a request.
+    """Store the groups of ``spans[stage]`` (per stage, the same group numbers) of a request.
 
-    ``block_ids`` hold those groups' tokens, from group ``first_group`` on. ``repair``
-    saves replace groups whose load failed; they are taken even over a full backlog.
+    ``tokens`` are those groups' tokens and ``block_ids`` their blocks. ``repair`` saves
+    replace groups whose load failed; they are taken even over a full backlog.
     """
 
     req_id: str
     tokens: list[int]
-    first_group: int
     block_ids: list[int]
-    salt: str | None
+    spans: list[Span]
     repair: bool = False
+
+    @property
+    def first_group(self) -> int:
+        return self.spans[0].first
+
+    @property
+    def groups(self) -> range:
+        return range(self.spans[0].first, self.spans[0].stop)
 
 
 @dataclass

@@ -1,9 +1,13 @@
 """The connector's scheduler side: lookups in the background, loads and saves planned.
 
-Nothing here waits on the store. A lookup is submitted to the connector's loop and
-:meth:`SchedulerSide.matched` answers ``None`` (vLLM asks again next step) until it is
-back; hits are loaded asynchronously (vLLM parks the request until the workers report
-it). After a store failure the breaker sends new requests straight to prefill.
+Nothing here waits on the store. A lookup is submitted when the request arrives
+(:meth:`SchedulerSide.arrived`), so it is usually answered by the time vLLM first asks;
+:meth:`SchedulerSide.matched` answers ``None`` (vLLM asks again next step) only while it
+is not. Groups a recent lookup found are trusted for ``known_stored_ttl_s`` without asking
+again (misses never are); a group is loaded by one request at a time (the others wait for
+it and find it in vLLM's prefix cache) and uploaded once. Hits are loaded asynchronously
+(vLLM parks the request until the workers report it). After a store failure the breaker
+sends new requests straight to prefill.
 """
 
 from __future__ import annotations
@@ -16,12 +20,14 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from ...keys import Span
 from ...loop import BackgroundLoop, gather_or_cancel
 from ...shards import HeadRange
 from ...vua import AsyncVUA
 from .breaker import Breaker
 from .identity import request_salt
 from .plan import LoadSpec, Plan, SaveSpec
+from .recent import Recent
 from .settings import ConnectorSettings, cacheable
 from .stats import Recorder
 
@@ -36,18 +42,24 @@ class _Tracked:
 
     prompt: list[int]
     salt: str | None
+    digests: list[list[bytes]]
+    """Per pipeline stage, the chained digest of each whole prompt group (chained once)."""
     usable: bool
     done: int = 0
     """Leading prompt tokens known stored or already handed to a worker to save."""
     lookup: concurrent.futures.Future[list[list[int]]] | None = None
     lookup_from: int = 0
-    """First group the lookup probed (the ones before are in the local prefix cache)."""
+    """First group the lookup probed (those before were trusted or are being saved here)."""
     lookup_started: float = 0.0
     stored: int | None = None
-    """Leading prompt tokens the store holds, once the lookup answered."""
-    sizes: list[list[int]] = field(default_factory=list)
-    """Per pipeline stage, the object sizes of the stored groups from ``lookup_from`` on
-    (every KV head of a group has the same size, so they serve every TP rank)."""
+    """Leading prompt tokens the store holds (or this engine holds), once the lookup answered."""
+    sizes: dict[int, tuple[int, ...]] = field(default_factory=dict)
+    """Group -> its object size per pipeline stage (every KV head of a group has the same
+    size, so they serve every TP rank), for the groups known stored."""
+    counted: bool = False
+    """Whether this answer's hit and miss tokens were counted (once, when allocated)."""
+    asked_at: int = 0
+    """The local prefix cache's tokens when vLLM last asked."""
     loading: tuple[int, int] | None = None
     """Tokens ``[start, end)`` being loaded, until the workers report the load."""
     loaded: int = 0
@@ -61,7 +73,10 @@ _IDLE_WAIT = 0.005
 
 
 class SchedulerSide:
-    """Lookups, load plans and save plans for the requests of one engine."""
+    """Lookups, load plans and save plans for the requests of one engine.
+
+    ``share_loads``: vLLM's prefix cache is on, so a request that needs groups another
+    is loading waits for that load and then finds them there."""
 
     def __init__(
         self,
@@ -76,6 +91,7 @@ class SchedulerSide:
         load: bool,
         save: bool,
         where: str,
+        share_loads: bool = True,
     ) -> None:
         self._settings = settings
         self._probes = list(probes)
@@ -87,68 +103,118 @@ class SchedulerSide:
         self._load = load
         self._save = save
         self._where = where
+        self._share_loads = share_loads
         self._tracked: dict[str, _Tracked] = {}
         self._loads: list[LoadSpec] = []
+        ttl, most = settings.known_stored_ttl_s, settings.known_stored_max
+        self._known: Recent[tuple[int, ...]] = Recent(most, ttl)
+        """Stage 0 digest -> sizes per stage, of groups a lookup or load found stored."""
+        self._saving: Recent[str] = Recent(most, ttl)
+        """Stage 0 digest -> the request that had it uploaded."""
+        self._loading: dict[bytes, str] = {}
+        """Stage 0 digest -> the request loading it now."""
 
     # ------------------------------------------------------------------ lookups
 
+    def arrived(self, request: Request) -> None:
+        """vLLM's ``on_new_request``: start the lookup now, not at the first scheduling look."""
+        tracked = self._track(request)
+        if self._wants_lookup(request, tracked, 0):
+            self._start(tracked, 0, include_saving=True)
+
     def matched(self, request: Request, num_computed_tokens: int) -> tuple[int | None, bool]:
-        """vLLM's ``get_num_new_matched_tokens``: ``(None, False)`` while the lookup runs,
-        then ``(n, True)`` for a hit of ``n`` tokens past the local prefix cache."""
+        """vLLM's ``get_num_new_matched_tokens``: ``(None, False)`` while the lookup runs
+        (or another request loads the same groups), then ``(n, True)`` for a hit of ``n``
+        tokens past the local prefix cache."""
         tracked = self._tracked.get(request.request_id)
         if tracked is None:
             tracked = self._track(request)
         split = self._settings.split_factor
         local_groups = num_computed_tokens // split
         tracked.done = max(tracked.done, local_groups * split)
-        if not self._load or not tracked.usable or getattr(request, "skip_reading_prefix_cache", False):
-            return 0, False
-        limit = (len(tracked.prompt) - 1) // split * split  # vLLM computes at least one token
-        if limit <= local_groups * split:
+        tracked.asked_at = num_computed_tokens
+        if not self._wants_lookup(request, tracked, local_groups):
             return 0, False
         if tracked.stored is None and tracked.lookup is None:
-            if not self._breaker.allows():
-                self._stats.add("lookups_skipped")
-                tracked.usable = False  # skips the store entirely, saves too
-                tracked.done = len(tracked.prompt)
-                return 0, False
-            self._submit(tracked, local_groups, limit)
+            self._start(tracked, local_groups, include_saving=False)
         if tracked.lookup is not None:
             if not tracked.lookup.done():
                 return None, False
-            self._collect(tracked, limit)
+            self._collect(tracked)
         assert tracked.stored is not None
-        if tracked.lookup_from > local_groups:  # the local cache lost blocks meanwhile: ask again
+        if any(g not in tracked.sizes for g in range(local_groups, tracked.lookup_from)):
+            # Groups skipped as being saved here are not in the local cache: ask from there.
             tracked.stored = None
             return self.matched(request, num_computed_tokens)
-        return (tracked.stored - num_computed_tokens, True) if tracked.stored > num_computed_tokens else (0, False)
+        if tracked.stored <= num_computed_tokens:
+            return 0, False
+        if self._share_loads and self._loaded_elsewhere(request.request_id, tracked, local_groups):
+            return None, False  # it lands in vLLM's prefix cache, or this request loads it then
+        return tracked.stored - num_computed_tokens, True
+
+    def _wants_lookup(self, request: Request, tracked: _Tracked, local_groups: int) -> bool:
+        """Whether the store could add to the local prefix cache (breaker permitting)."""
+        if not self._load or not tracked.usable or getattr(request, "skip_reading_prefix_cache", False):
+            return False
+        if self._limit(tracked) <= local_groups:
+            return False
+        if tracked.stored is None and tracked.lookup is None and not self._breaker.allows():
+            self._stats.add("lookups_skipped")
+            tracked.usable = False  # skips the store entirely, saves too
+            tracked.done = len(tracked.prompt)
+            return False
+        return True
+
+    def _limit(self, tracked: _Tracked) -> int:
+        """Groups a hit may cover: vLLM computes at least the last prompt token."""
+        return (len(tracked.prompt) - 1) // self._settings.split_factor
 
     def _track(self, request: Request) -> _Tracked:
         usable = cacheable(request)
         prompt = list(request.prompt_token_ids or ())
-        tracked = _Tracked(prompt=prompt, salt=request_salt(self._settings, request), usable=usable)
+        split = self._settings.split_factor
+        salt = request_salt(self._settings, request)
+        digests: list[list[bytes]] = [[] for _ in self._probes]
+        whole = len(prompt) // split * split
+        if usable and whole:
+            ids = torch.tensor(prompt[:whole], dtype=torch.int64)
+            digests = [[g.digest for g in probe.config().chain(ids, salt)] for probe in self._probes]
+        tracked = _Tracked(prompt=prompt, salt=salt, digests=digests, usable=usable)
         if not usable or not self._save:
             tracked.done = len(prompt)
         self._tracked[request.request_id] = tracked
         return tracked
 
-    def _submit(self, tracked: _Tracked, first_group: int, limit: int) -> None:
-        tokens = torch.tensor(tracked.prompt[:limit], dtype=torch.int64)
-        probes = (
-            p.stored_sizes(tokens, salt=tracked.salt, first_group=first_group, heads=self._heads) for p in self._probes
-        )
-        tracked.lookup_from = first_group
+    def _start(self, tracked: _Tracked, first_group: int, *, include_saving: bool) -> None:
+        """Answer from what is trusted, and probe the groups past it (past those a live
+        request here is saving too: they are likely in the local cache)."""
+        limit = self._limit(tracked)
+        keys = tracked.digests[0]
+        start = first_group
+        while start < limit:
+            sizes = self._known.get(keys[start])
+            if sizes is not None:
+                tracked.sizes[start] = sizes
+            elif not include_saving or self._saving.get(keys[start]) not in self._tracked:
+                break  # not being computed by a request here now: likely not in the local cache
+            start += 1
+        tracked.lookup_from, tracked.counted = start, False
+        split = self._settings.split_factor
+        if start >= limit:
+            tracked.stored = limit * split
+            return
+        tokens = torch.tensor(tracked.prompt[: limit * split], dtype=torch.int64)
+        salt = tracked.salt
+        probes = (p.stored_sizes(tokens, salt=salt, first_group=start, heads=self._heads) for p in self._probes)
         tracked.lookup_started = time.monotonic()
         tracked.lookup = self._loop.submit(gather_or_cancel(*probes))
         self._stats.add("lookups")
-        self._stats.add("lookup_heads", (limit // self._settings.split_factor - first_group) * len(self._probes))
+        self._stats.add("lookup_heads", (limit - start) * len(self._probes))
 
-    def _collect(self, tracked: _Tracked, limit: int) -> None:
+    def _collect(self, tracked: _Tracked) -> None:
         future, tracked.lookup = tracked.lookup, None
         assert future is not None
         self._stats.add("lookup_seconds", time.monotonic() - tracked.lookup_started)
-        split = self._settings.split_factor
-        start = tracked.lookup_from * split
         try:
             sizes = future.result()
         except Exception as exc:
@@ -158,40 +224,61 @@ class SchedulerSide:
             tracked.done = len(tracked.prompt)  # the store is failing: no saves either
         else:
             self._breaker.succeeded()
-        groups = min(map(len, sizes), default=0)  # every stage must hold a group for it to count
-        tracked.sizes = [stage[:groups] for stage in sizes]
-        tracked.stored = start + groups * split
-        self._stats.add("hit_tokens", tracked.stored - start)
-        self._stats.add("miss_tokens", limit - tracked.stored)
+        found = min(map(len, sizes), default=0)  # every stage must hold a group for it to count
+        start = tracked.lookup_from
+        for i in range(found):  # a positive answer: trusted for a while (misses never are)
+            group = start + i
+            tracked.sizes[group] = tuple(stage[i] for stage in sizes)
+            self._known.put(tracked.digests[0][group], tracked.sizes[group])
+        tracked.stored = (start + found) * self._settings.split_factor
+
+    def _loaded_elsewhere(self, req_id: str, tracked: _Tracked, local_groups: int) -> bool:
+        """Whether another request is loading a group this one would load."""
+        assert tracked.stored is not None
+        keys = tracked.digests[0]
+        end = tracked.stored // self._settings.split_factor
+        return any(self._loading.get(keys[g], req_id) != req_id for g in range(local_groups, end))
 
     # ------------------------------------------------------------------ loads
 
     def allocated(self, request: Request, block_ids: list[int], num_external_tokens: int) -> None:
         """vLLM's ``update_state_after_alloc``: plan the load of the hit into its blocks."""
+        tracked = self._tracked.get(request.request_id)
+        if tracked is None or tracked.stored is None:
+            return
+        if not tracked.counted:  # once per answer, past the local prefix cache
+            tracked.counted = True
+            limit = self._limit(tracked) * self._settings.split_factor
+            self._stats.add("hit_tokens", max(0, num_external_tokens))
+            self._stats.add("miss_tokens", max(0, limit - max(tracked.stored, tracked.asked_at)))
         if num_external_tokens <= 0:
             return
-        tracked = self._tracked[request.request_id]
-        assert tracked.stored is not None
+        split = self._settings.split_factor
         end = tracked.stored
         start = end - num_external_tokens
         tracked.loading = (start, end)
         tracked.block_ids = list(block_ids[: -(-end // self._block_size)])
         tracked.done = max(tracked.done, end)
-        skip = start // self._settings.split_factor - tracked.lookup_from
+        first, stop = start // split, end // split
+        for group in range(first, stop):
+            self._loading[tracked.digests[0][group]] = request.request_id
         self._loads.append(
             LoadSpec(
                 req_id=request.request_id,
-                tokens=tracked.prompt[:end],
+                tokens=tracked.prompt[first * split : end],
                 start=start,
+                end=end,
                 block_ids=tracked.block_ids,
-                salt=tracked.salt,
-                sizes=[stage[skip:] for stage in tracked.sizes],
+                spans=[_span(stage, first, stop) for stage in tracked.digests],
+                held=[tuple(stage[:first]) for stage in tracked.digests],
+                sizes=[[tracked.sizes[g][i] for g in range(first, stop)] for i in range(len(tracked.digests))],
             )
         )
 
     def loads_reported(self, finished: Iterable[str], invalid: set[int]) -> None:
         """Workers finished loads (some blocks maybe invalid): lower what counts as stored
-        to the first bad block, so the groups vLLM recomputes are saved again (repairs)."""
+        to the first bad block, so the groups vLLM recomputes are saved again (repairs),
+        and stop trusting what failed to load."""
         split = self._settings.split_factor
         for tracked in self._tracked.values():
             if tracked.loading is None or not invalid:
@@ -201,6 +288,8 @@ class SchedulerSide:
                 valid = max(bad * self._block_size, tracked.loading[0])
                 tracked.done = min(tracked.done, valid // split * split)
                 tracked.repair_until = max(tracked.repair_until, tracked.loading[1])
+                for group in range(valid // split, tracked.loading[1] // split):
+                    self._known.discard(tracked.digests[0][group])
                 tracked.loading = (tracked.loading[0], valid)
                 tracked.stored = valid  # vLLM may ask again (nothing valid): offer no more than this
         for req_id in finished:
@@ -209,7 +298,15 @@ class SchedulerSide:
                 continue
             start, end = done.loading
             done.loaded += end - start
+            for group in range(start // split, end // split):  # loaded whole: found again
+                self._known.put(done.digests[0][group], done.sizes[group])
+            self._release_loads(req_id, done)
             done.loading = None
+
+    def _release_loads(self, req_id: str, tracked: _Tracked) -> None:
+        for key in tracked.digests[0] if tracked.digests else ():
+            if self._loading.get(key) == req_id:
+                del self._loading[key]
 
     # ------------------------------------------------------------------ saves
 
@@ -249,28 +346,53 @@ class SchedulerSide:
         the GIL from the loop thread the answers need. Wait a moment for one instead (the
         engine has nothing else to do)."""
         lookups = [t.lookup for t in self._tracked.values() if t.lookup is not None]
-        if lookups:
-            concurrent.futures.wait(lookups, timeout=_IDLE_WAIT, return_when=concurrent.futures.FIRST_COMPLETED)
-        elif any(t.loading is not None for t in self._tracked.values()):
+        if any(lookup.done() for lookup in lookups):
+            return  # the next step takes the answer
+        if not self.await_lookup(_IDLE_WAIT) and any(t.loading is not None for t in self._tracked.values()):
             time.sleep(_IDLE_WAIT)
 
+    def await_lookup(self, timeout: float) -> bool:
+        """Wait up to ``timeout`` seconds for one of the lookups still out to be answered;
+        whether any was."""
+        pending = [t.lookup for t in self._tracked.values() if t.lookup is not None and not t.lookup.done()]
+        if pending:
+            concurrent.futures.wait(pending, timeout=timeout, return_when=concurrent.futures.FIRST_COMPLETED)
+        return bool(pending)
+
     def _plan_save(self, req_id: str, tracked: _Tracked, computed: int, plan: Plan) -> None:
+        """Save the groups completed since the last plan, but those known stored or being
+        uploaded for another request (repairs replace bad objects: only the latter)."""
         split = self._settings.split_factor
         end = min(computed, len(tracked.prompt)) // split * split
         if end <= tracked.done or tracked.loading is not None:
             return
-        first = tracked.done // split
-        per_group = split // self._block_size
-        plan.saves.append(
-            SaveSpec(
-                req_id=req_id,
-                tokens=tracked.prompt[:end],
-                first_group=first,
-                block_ids=tracked.block_ids[first * per_group : end // self._block_size],
-                salt=tracked.salt,
-                repair=first * split < tracked.repair_until,
+        first, stop = tracked.done // split, end // split
+        repair = first * split < tracked.repair_until
+        keys = tracked.digests[0]
+
+        def taken(group: int) -> bool:
+            owner = self._saving.get(keys[group])
+            return (owner is not None and owner != req_id) or (not repair and keys[group] in self._known)
+
+        group = first
+        while group < stop:
+            if taken(group):
+                group += 1
+                continue
+            run = group
+            while group < stop and not taken(group):
+                self._saving.put(keys[group], req_id)
+                group += 1
+            per_group = split // self._block_size
+            plan.saves.append(
+                SaveSpec(
+                    req_id=req_id,
+                    tokens=tracked.prompt[run * split : group * split],
+                    block_ids=tracked.block_ids[run * per_group : group * per_group],
+                    spans=[_span(stage, run, group) for stage in tracked.digests],
+                    repair=repair,
+                )
             )
-        )
         tracked.done = end
 
     def finished(self, req_id: str) -> dict[str, Any] | None:
@@ -279,4 +401,10 @@ class SchedulerSide:
         self._loads = [spec for spec in self._loads if spec.req_id != req_id]
         if tracked is None:
             return None
+        self._release_loads(req_id, tracked)
         return {"vua_s3": {"hit_tokens": tracked.loaded, "stored_or_queued_tokens": tracked.done}}
+
+
+def _span(digests: list[bytes], start: int, stop: int) -> Span:
+    """Groups ``[start, stop)`` of one stage's chain."""
+    return Span(start, tuple(digests[start:stop]), digests[start - 1] if start else None)

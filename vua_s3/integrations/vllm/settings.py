@@ -35,6 +35,10 @@ class ConnectorSettings:
     load_failure_policy: str = "recompute"
     refresh_after: float | None = None
     """Seconds: loads re-stamp what they read once older (``AsyncVUA(refresh_after=)``); off by default."""
+    known_stored_ttl_s: float = 30.0
+    """How long groups a lookup or load found stored are trusted without asking again."""
+    known_stored_max: int = 16384
+    """The most groups trusted at once (the least recently found are forgotten first)."""
 
     @classmethod
     def from_extra_config(cls, extra: dict[str, Any]) -> ConnectorSettings:
@@ -49,10 +53,10 @@ class ConnectorSettings:
                 f'{CONNECTOR_NAME} needs kv_connector_extra_config {{"url": "s3://bucket/prefix"}} (or a path)'
             )
         settings = cls(**extra)
-        for name in ("split_factor", "max_inflight", "max_pending_save_bytes"):
+        for name in ("split_factor", "max_inflight", "max_pending_save_bytes", "known_stored_max"):
             positive_int(f"{CONNECTOR_NAME}: {name}", getattr(settings, name))
         for name in ("flush_timeout_s", "lookup_timeout_s", "load_timeout_s", "breaker_backoff_s",
-                     "breaker_max_backoff_s"):  # fmt: skip
+                     "breaker_max_backoff_s", "known_stored_ttl_s"):  # fmt: skip
             positive_seconds(f"{CONNECTOR_NAME}: {name}", getattr(settings, name))
         optional_seconds(f"{CONNECTOR_NAME}: refresh_after", settings.refresh_after)
         if settings.load_failure_policy not in ("recompute", "fail"):

@@ -26,7 +26,6 @@ from dataclasses import dataclass
 
 import torch
 
-from ...keys import token_ids
 from ...loop import BackgroundLoop, gather_or_cancel
 from ...shards import HeadRange
 from ...vua import AsyncVUA
@@ -171,20 +170,21 @@ class WorkerSide:
         what, consequence = f"load from {self._where}", "vLLM recomputes the affected tokens"
         try:
             sizes = spec.sizes[self._stage] if self._stage < len(spec.sizes) else None
-            groups = await self._vua.load_groups(
-                tokens, first_group, place, sizes=sizes, salt=spec.salt, pinned=self._cuda, heads=self._heads
-            )
+            groups = await self._vua.load_span(
+                spec.spans[self._stage], tokens, place, sizes=sizes, pinned=self._cuda, heads=self._heads,
+                held=spec.held[self._stage],
+            )  # fmt: skip
         except Exception as exc:
             self._problems.report(what, exc, consequence)
             groups = 0
-        valid = max(spec.start, min(len(spec.tokens), (first_group + groups) * split))
-        missing = len(spec.tokens) - valid
+        valid = max(spec.start, min(spec.end, (first_group + groups) * split))
+        missing = spec.end - valid
         self._stats.add("loaded_tokens", valid - spec.start)
         self._stats.add("load_bytes", loaded_bytes)
         self._stats.add("load_seconds", time.monotonic() - started)
         if missing:
             self._stats.add("load_failures", -(-missing // split))
-            total = len(spec.tokens) - spec.start
+            total = spec.end - spec.start
             self._problems.report(what, LookupError(f"{missing} of {total} tokens missing or unusable"), consequence)
         return set(spec.block_ids[valid // bs :])
 
@@ -246,7 +246,7 @@ class WorkerSide:
         ready = self._side_ready()
         per_group = self._split // self._block_size
         for spec in plan.saves:
-            groups = range(spec.first_group, len(spec.tokens) // self._split)
+            groups = spec.groups
             if len(spec.block_ids) < len(groups) * per_group:  # never upload what was not copied
                 self._problems.report(
                     f"upload to {self._where}",
@@ -313,7 +313,7 @@ class WorkerSide:
                 buf[index, slot].copy_(tokens, non_blocking=self._cuda)
 
     async def _upload(self, spec: SaveSpec, captures: list[_Capture]) -> None:
-        ids = token_ids(torch.tensor(spec.tokens, dtype=torch.int64), self._split)
+        ids = torch.tensor(spec.tokens, dtype=torch.int64)
         try:
             await gather_or_cancel(*(self._upload_group(ids, spec, c) for c in captures))
         finally:
@@ -330,8 +330,8 @@ class WorkerSide:
         kv = capture.buf
         layers = [(kv[i, 0].unsqueeze(0), kv[i, 1].unsqueeze(0)) for i in range(kv.size(0))]
         group = capture.group
-        await self._vua.put_groups(
-            ids, layers, [group], kv_start=group * self._split, salt=spec.salt, heads=self._writes
+        await self._vua.put_span(
+            spec.spans[self._stage], ids, layers, [group], kv_start=group * self._split, heads=self._writes
         )
         self._stats.add("stored_groups")
         self._stats.add("store_bytes", self._group_bytes + self._split * 8)
