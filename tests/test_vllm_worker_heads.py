@@ -78,7 +78,7 @@ def test_tp4_writes_each_replicated_head_once_and_tp2_tp1_read_their_heads(tmp_p
             head = rank_heads(4, rank, KV_HEADS)
             worker = _worker(tmp_path, loop, 4, rank, _paged(kv, head.heads))
             worker.start_saves(Plan(saves=[SaveSpec("r", TOKENS, 0, BLOCKS, None)]))
-            worker.fence()
+            worker.flush(["r"])
             worker.shutdown()
         names = sorted(p.name.split(".")[1] for p in tmp_path.rglob("*.safetensors"))
         assert names == ["h0"] * GROUPS + ["h1"] * GROUPS  # each replicated head stored once

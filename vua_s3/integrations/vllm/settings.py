@@ -35,6 +35,9 @@ class ConnectorSettings:
     load_failure_policy: str = "recompute"
     refresh_after: float | None = None
     """Seconds: loads re-stamp what they read once older (``AsyncVUA(refresh_after=)``); off by default."""
+    kv_events_medium: str = "vua_s3"
+    """The ``medium`` of the KV events (``BlockStored``) published for groups stored, when
+    vLLM's KV events are on: names this tier to routers that place requests by cache contents."""
 
     @classmethod
     def from_extra_config(cls, extra: dict[str, Any]) -> ConnectorSettings:
@@ -55,6 +58,8 @@ class ConnectorSettings:
                      "breaker_max_backoff_s"):  # fmt: skip
             positive_seconds(f"{CONNECTOR_NAME}: {name}", getattr(settings, name))
         optional_seconds(f"{CONNECTOR_NAME}: refresh_after", settings.refresh_after)
+        if not isinstance(settings.kv_events_medium, str) or not settings.kv_events_medium:
+            raise ValueError(f"{CONNECTOR_NAME}: kv_events_medium must be a non-empty string")
         if settings.load_failure_policy not in ("recompute", "fail"):
             raise ValueError(f"{CONNECTOR_NAME}: load_failure_policy must be 'recompute' or 'fail'")
         return settings
