@@ -64,7 +64,7 @@ def _worker(store: Path, loop: BackgroundLoop, tp: int, rank: int, caches: list[
 def _load(worker: WorkerSide, sizes: list[int]) -> set[int]:
     worker.start_loads(Plan(loads=[LoadSpec("r", TOKENS, 0, BLOCKS, None, [sizes])]))
     deadline = time.monotonic() + 30
-    while "r" not in worker.finished_loads():
+    while "r" not in worker.finished(set())[1]:
         assert time.monotonic() < deadline, "the load did not end"
         time.sleep(0.01)
     return worker.load_errors()
