@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -74,6 +75,9 @@ if TYPE_CHECKING:
 
 # A child of vLLM's logger, so messages share its handlers and format.
 log = logging.getLogger(f"vllm.{__name__}")
+
+#: How long an idle step that only waits for upload reports sleeps (seconds).
+_IDLE_WAIT = 0.005
 
 
 @dataclass
@@ -192,6 +196,8 @@ class VUAS3Connector(KVConnectorBase_V1):  # type: ignore[misc]
     def build_connector_meta(self, scheduler_output: SchedulerOutput) -> KVConnectorMetadata:
         assert self._scheduler is not None
         plan = self._scheduler.plan(scheduler_output)
+        if not scheduler_output.total_num_scheduled_tokens and self._uploads:
+            time.sleep(_IDLE_WAIT)  # stepping only to hear of uploads: do not spin
         split = self._settings.split_factor
         for spec in plan.saves:
             request = self._requests.get(spec.req_id)
@@ -236,6 +242,13 @@ class VUAS3Connector(KVConnectorBase_V1):  # type: ignore[misc]
         if stored:
             self._stats.add("stored_groups", stored)
         self._events.extend(events)
+
+    def has_pending_push_work(self) -> bool:
+        """While uploads are out, vLLM keeps stepping (idle steps wait a moment), so the
+        workers' reports of them arrive: ``stored_groups`` and the KV events are not held
+        back until the next request."""
+        pending = self._scheduler is not None and bool(self._uploads)
+        return pending
 
     def take_events(self) -> list[KVCacheEvent]:
         """``BlockStored`` for the groups every writing rank stored since the last call."""

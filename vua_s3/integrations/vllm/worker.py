@@ -153,6 +153,9 @@ class WorkerSide:
         self._store_failures: list[str] = []
         self._flush = weakref.finalize(self, _flush, self._uploads, self._lock, flush_timeout_s)
         # At a normal interpreter exit, before the executors the uploads run on are shut down.
+        # A private hook, kept deliberately: concurrent.futures registers its own shutdown
+        # with it, and those hooks run before ``atexit``'s, so an ``atexit`` handler would
+        # flush into executors that no longer take work. No public hook runs that early.
         threading._register_atexit(self._flush)  # type: ignore[attr-defined]
 
     # ------------------------------------------------------------------ loads
