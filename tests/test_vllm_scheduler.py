@@ -303,3 +303,14 @@ def test_trust_settings_are_checked() -> None:
                 {"known_stored_max": 1.5}):  # fmt: skip
         with pytest.raises(ValueError, match=next(iter(bad))):
             ConnectorSettings.from_extra_config({"url": "s3://b/p", **bad})
+
+
+def test_a_reset_reuses_nothing_stored_before(tmp_path: Path, scheduler: Scheduler) -> None:
+    store_prompt(tmp_path, None)
+    assert scheduler.matched(request("before")) == (32, True)
+    probed = scheduler.probe.probe_requests
+    assert probed >= 2  # what lookup_heads reports: the groups asked about, one request each
+    scheduler.side.reset()
+    assert scheduler.matched(request("before")) == (0, False)  # tracked before: no more store use
+    assert scheduler.matched(request("after")) == (0, False)  # a new epoch: keys no one wrote
+    assert scheduler.lookups == 2 and scheduler.probe.probe_requests > probed

@@ -79,7 +79,7 @@ def _worker(store: Path, loop: BackgroundLoop, tp: int, rank: int, caches: list[
 def _load(worker: WorkerSide, sizes: list[int]) -> set[int]:
     worker.start_loads(Plan(loads=[_load_spec(BLOCKS, sizes)]))
     deadline = time.monotonic() + 30
-    while "r" not in worker.finished_loads():
+    while "r" not in worker.finished(set())[1]:
         assert time.monotonic() < deadline, "the load did not end"
         time.sleep(0.01)
     return worker.load_errors()
@@ -93,7 +93,7 @@ def test_tp4_writes_each_replicated_head_once_and_tp2_tp1_read_their_heads(tmp_p
             head = rank_heads(4, rank, KV_HEADS)
             worker = _worker(tmp_path, loop, 4, rank, _paged(kv, head.heads))
             worker.start_saves(Plan(saves=[_save_spec(BLOCKS)]))
-            worker.fence()
+            worker.flush(["r"])
             worker.shutdown()
         names = sorted(p.name.split(".")[1] for p in tmp_path.rglob("*.safetensors"))
         assert names == ["h0"] * GROUPS + ["h1"] * GROUPS  # each replicated head stored once

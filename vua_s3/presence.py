@@ -74,6 +74,8 @@ class Prober:
         self._store = store
         self._known = known
         self._waves = waves
+        self.requests = 0
+        """Groups probed so far, one request each (a LIST of a group's heads on S3)."""
 
     def known_stored(self, group: Group, heads: Sequence[int]) -> ObjectInfo | None:
         """The representative's info if this object knows every head of ``group`` present."""
@@ -88,6 +90,7 @@ class Prober:
         unknown = [i for i, info in enumerate(infos) if info is None]
         if unknown:
             sets = [groups[i].keys(heads) for i in unknown]
+            self.requests += len(sets)
             found = await self._store.head_siblings(sets)
             for i, keys, answers in zip(unknown, sets, found, strict=True):
                 for key, info in zip(keys, answers, strict=True):

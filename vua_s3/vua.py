@@ -115,6 +115,12 @@ class AsyncVUA:
         """What re-stamps the objects loads read (its counters), when ``refresh_after`` is set."""
         return self._refresher
 
+    @property
+    def probe_requests(self) -> int:
+        """Groups this object's probes asked the store about so far, one request each (what
+        lookups cost; groups it knew stored are not asked)."""
+        return self._prober.requests
+
     def forget_known(self) -> None:
         """Forget what this object has seen stored, so the next query asks the store as a
         new process would (the bench measures that way)."""

@@ -10,7 +10,7 @@ each scheduler block is ``ratio`` kernel blocks in a row. These tests build such
 request's groups out of them through the worker (capture on the side stream on CUDA) and load
 them back into fresh ones, bit-exact against the reference and so against the CPU path; on
 CUDA the capture must wait for the compute stream's last write, ignore another stream writing
-other blocks, and be complete when ``fence`` returns.
+other blocks, and be complete when ``flush`` (a preemption's wait for the request's copies) returns.
 """
 
 from __future__ import annotations
@@ -123,14 +123,14 @@ def make_worker(store: Path, loop: BackgroundLoop, caches: list[torch.Tensor], b
 
 def save(worker: WorkerSide) -> None:
     worker.start_saves(Plan(saves=[_save_spec(REQUEST_BLOCKS)]))
-    worker.fence()
+    worker.flush(["r"])
 
 
 def load(worker: WorkerSide, loop: BackgroundLoop, store: Path) -> set[int]:
     sizes = loop.run(AsyncVUA(CFG, store).stored_sizes(torch.tensor(TOKENS)))
     worker.start_loads(Plan(loads=[_load_spec(REQUEST_BLOCKS, sizes)]))
     deadline = time.monotonic() + 60
-    while "r" not in worker.finished_loads():
+    while "r" not in worker.finished(set())[1]:
         assert time.monotonic() < deadline, "the load did not end"
         time.sleep(0.01)
     return worker.load_errors()
@@ -191,7 +191,7 @@ def _busy(device: str) -> None:
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize(("backend", "layout", "ratio"), CACHES[:3])
-def test_capture_waits_for_the_compute_stream_and_is_done_at_the_fence(
+def test_capture_waits_for_the_compute_stream_and_is_done_at_the_flush(
     device: str, backend: str, layout: str, ratio: int, tmp_path: Path, loop: BackgroundLoop
 ) -> None:
     kv = reference().to(device)
@@ -212,8 +212,8 @@ def test_capture_waits_for_the_compute_stream_and_is_done_at_the_fence(
             for step in range(20):
                 for cache in caches:
                     cache[other_blocks] = float(step)
-        worker.fence()
-        # After the fence the next step may reuse the request's blocks: the capture is done.
+        worker.flush(["r"])
+        # After the flush the next step may reuse the request's blocks: the capture is done.
         for cache in caches:
             cache[request] = 7.0
     worker.shutdown()

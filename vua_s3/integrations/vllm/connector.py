@@ -14,23 +14,28 @@ schedules other requests (:mod:`.scheduler`), hits load while it keeps stepping 
 saves are copied out and uploaded behind it (:mod:`.worker`). A failing store costs a
 miss: failed lookups are misses and open a breaker that sends new requests straight to
 prefill for a while; blocks that fail to load are recomputed by vLLM and stored again;
-failed uploads are dropped. Each kind of problem is logged once, with its cause.
+failed uploads are dropped. Each kind of problem is logged once, with its cause. With
+vLLM's KV events on, every group stored is published as a ``BlockStored`` event whose
+medium names this tier (``kv_events_medium``).
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
+import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import torch
+from vllm.distributed.kv_events import BlockStored, KVCacheEvent
 from vllm.distributed.kv_transfer.kv_connector.v1.base import (
     KVConnectorBase_V1,
     KVConnectorMetadata,
     KVConnectorRole,
     KVConnectorWorkerMetadata,
 )
+from vllm.v1.core.kv_cache_utils import maybe_convert_block_hash
 
 from ...config import VUAConfig
 from ...logsafe import redact_url
@@ -49,6 +54,7 @@ from .problems import Problems
 from .scheduler import SchedulerSide
 from .settings import CONNECTOR_NAME, ConnectorSettings
 from .stats import Recorder
+from .uploads import Uploads
 from .worker import WorkerSide
 
 if TYPE_CHECKING:
@@ -70,6 +76,9 @@ if TYPE_CHECKING:
 # A child of vLLM's logger, so messages share its handlers and format.
 log = logging.getLogger(f"vllm.{__name__}")
 
+#: How long an idle step that only waits for upload reports sleeps (seconds).
+_IDLE_WAIT = 0.005
+
 
 @dataclass
 class VUAConnectorMetadata(KVConnectorMetadata, Plan):  # type: ignore[misc]
@@ -78,13 +87,16 @@ class VUAConnectorMetadata(KVConnectorMetadata, Plan):  # type: ignore[misc]
 
 @dataclass
 class VUAWorkerMetadata(KVConnectorWorkerMetadata):  # type: ignore[misc]
-    """Store failures the workers saw this step: they open the scheduler's breaker."""
+    """What the workers saw this step: store failures (they open the scheduler's breaker)
+    and the group uploads that ended, ``(request, group, stored)`` per writing rank."""
 
     store_failures: list[str] = field(default_factory=list)
+    settled: list[tuple[str, int, bool]] = field(default_factory=list)
 
     def aggregate(self, other: KVConnectorWorkerMetadata) -> KVConnectorWorkerMetadata:
         if isinstance(other, VUAWorkerMetadata):
             self.store_failures.extend(other.store_failures)
+            self.settled.extend(other.settled)
         return self
 
 
@@ -118,13 +130,23 @@ class VUAS3Connector(KVConnectorBase_V1):  # type: ignore[misc]
         )  # fmt: skip
         self._scheduler: SchedulerSide | None = None
         self._worker: WorkerSide | None = None
+        self._probes: list[AsyncVUA] = []
+        self._probed = 0
+        events = vllm_config.kv_events_config
+        self._events_on = bool(events is not None and events.enable_kv_cache_events)
+        self._requests: dict[str, Request] = {}
+        """Live requests, while KV events are on: their block hashes name the groups stored."""
+        self._events: list[KVCacheEvent] = []
         if role == KVConnectorRole.SCHEDULER:
             parallel = vllm_config.parallel_config
             # One probe per pipeline stage serves every tensor-parallel rank: its objects do
             # not depend on the TP size, every head of a group has the same size, and one
             # request per group checks every head of the model (all ranks load).
             stages = [derive_identity(vllm_config, self._settings, pp) for pp in range(parallel.pipeline_parallel_size)]
-            probes = [self._open(stage, self._settings.lookup_timeout_s) for stage in stages]
+            probes = self._probes = [self._open(stage, self._settings.lookup_timeout_s) for stage in stages]
+            tp, kv_heads = parallel.tensor_parallel_size, vllm_config.model_config.get_total_num_kv_heads()
+            writers = sum(rank_writes(tp, rank, kv_heads) is not None for rank in range(tp))
+            self._uploads: Uploads[KVCacheEvent] = Uploads(writers * parallel.pipeline_parallel_size)
             # Opening the store's client (sessions, credentials, first connection) costs a
             # noticeable moment; do it now, not in the first request's lookup.
             self._loop.submit(_warm_up(probes[0]))
@@ -171,6 +193,8 @@ class VUAS3Connector(KVConnectorBase_V1):  # type: ignore[misc]
         while the lookup is still out or another request loads the same groups (vLLM asks
         again on a later step)."""
         assert self._scheduler is not None
+        if self._events_on:
+            self._requests[request.request_id] = request
         return self._scheduler.matched(request, num_computed_tokens)
 
     def update_state_after_alloc(self, request: Request, blocks: KVCacheBlocks, num_external_tokens: int) -> None:
@@ -180,26 +204,85 @@ class VUAS3Connector(KVConnectorBase_V1):  # type: ignore[misc]
     def build_connector_meta(self, scheduler_output: SchedulerOutput) -> KVConnectorMetadata:
         assert self._scheduler is not None
         plan = self._scheduler.plan(scheduler_output)
-        return VUAConnectorMetadata(loads=plan.loads, saves=plan.saves)
+        if not scheduler_output.total_num_scheduled_tokens and self._uploads:
+            time.sleep(_IDLE_WAIT)  # stepping only to hear of uploads: do not spin
+        split = self._settings.split_factor
+        for spec in plan.saves:
+            request = self._requests.get(spec.req_id)
+            for group in range(spec.first_group, len(spec.tokens) // split):
+                event = self._stored_event(request, group) if request is not None else None
+                self._uploads.queued(spec.req_id, group, event)
+        return VUAConnectorMetadata(loads=plan.loads, saves=plan.saves, preempted=plan.preempted)
+
+    def _stored_event(self, request: Request, group: int) -> BlockStored | None:
+        """vLLM's event for one stored group: its blocks by vLLM's own block hashes (what
+        routers index the GPU tier by), chained to the block before it."""
+        split, size = self._settings.split_factor, self._block_size
+        per_group = split // size
+        hashes = list(request.block_hashes[group * per_group : (group + 1) * per_group])
+        if len(hashes) < per_group:
+            return None
+        parent = request.block_hashes[group * per_group - 1] if group else None
+        lora = request.lora_request
+        return BlockStored(
+            block_hashes=[maybe_convert_block_hash(h) for h in hashes],
+            parent_block_hash=None if parent is None else maybe_convert_block_hash(parent),
+            token_ids=list(request.prompt_token_ids or ())[group * split : (group + 1) * split],
+            block_size=size,
+            lora_id=None if lora is None else lora.adapter_id,
+            medium=self._settings.kv_events_medium,
+            lora_name=None if lora is None else lora.name,
+            group_idx=0,
+        )
 
     def update_connector_output(self, connector_output: KVConnectorOutput) -> None:
         """Loads the workers finished (blocks they could not fill are recomputed by
         vLLM and stored again); upload failures open the breaker."""
         assert self._scheduler is not None
         self._scheduler.loads_reported(connector_output.finished_recving or (), connector_output.invalid_block_ids)
+        self._scheduler.sent(connector_output.finished_sending or ())
         meta = connector_output.kv_connector_worker_meta
-        if isinstance(meta, VUAWorkerMetadata) and meta.store_failures:
+        if not isinstance(meta, VUAWorkerMetadata):
+            return
+        if meta.store_failures:
             self._breaker.failed(f"upload to {self._where}", meta.store_failures[0])
+        stored, events = self._uploads.settled(meta.settled)
+        if stored:
+            self._stats.add("stored_groups", stored)
+        self._events.extend(events)
+
+    def has_pending_push_work(self) -> bool:
+        """While uploads are out, vLLM keeps stepping (idle steps wait a moment), so the
+        workers' reports of them arrive: ``stored_groups`` and the KV events are not held
+        back until the next request."""
+        pending = self._scheduler is not None and bool(self._uploads)
+        return pending
+
+    def take_events(self) -> list[KVCacheEvent]:
+        """``BlockStored`` for the groups every writing rank stored since the last call."""
+        events, self._events = self._events, []
+        return events
+
+    def reset_cache(self) -> bool:
+        """vLLM's reset of the prefix cache with ``reset_connector``: nothing stored before
+        is reused by this engine from now on (:meth:`.scheduler.SchedulerSide.reset`)."""
+        assert self._scheduler is not None
+        self._scheduler.reset()
+        log.info("%s: cache reset; requests from now on reuse nothing stored before", CONNECTOR_NAME)
+        return True
 
     def request_finished(self, request: Request, block_ids: list[int]) -> tuple[bool, dict[str, Any] | None]:
-        """Forget the request; its blocks can be freed at once (the next step's fence
-        waits for the copies of its groups before anything overwrites them).
+        """Forget the request. Its blocks are freed at once, unless groups of it were handed
+        to the workers to save: then they stay until the workers report the copies out of
+        them done (``get_finished``), so no step has to wait for copies.
 
         The request's output carries ``kv_transfer_params["vua_s3"]``: ``hit_tokens``
         (prompt tokens loaded from the store) and ``stored_or_queued_tokens`` (leading
         prompt tokens stored, queued for upload, or held by the local prefix cache)."""
         assert self._scheduler is not None
-        return False, self._scheduler.finished(request.request_id)
+        self._requests.pop(request.request_id, None)
+        holds = self._scheduler.holds(request.request_id)
+        return holds, self._scheduler.finished(request.request_id)
 
     # ------------------------------------------------------------------ worker side
 
@@ -233,6 +316,7 @@ class VUAS3Connector(KVConnectorBase_V1):  # type: ignore[misc]
             vua, pp_rank, heads, writes, layers, ratio, self._block_size, self._loop,
             self._stats, self._problems, max_pending_save_bytes=self._settings.max_pending_save_bytes,
             flush_timeout_s=self._settings.flush_timeout_s, where=self._where, cpus=spare,
+            counts=tp_rank == 0 and pp_rank == 0,
         )  # fmt: skip
         log.info(
             "%s: worker on %s, namespace %s, %d layers of %s %s KV (heads %d-%d of %d, writes %s, x %d), "
@@ -247,9 +331,11 @@ class VUAS3Connector(KVConnectorBase_V1):  # type: ignore[misc]
         return meta if isinstance(meta, VUAConnectorMetadata) else Plan()
 
     def handle_preemptions(self, kv_connector_metadata: KVConnectorMetadata) -> None:
-        """Called before each step touches the paged cache: earlier captures' copies end first."""
-        if self._worker is not None:
-            self._worker.fence()
+        """Before the step may reuse preempted requests' blocks: their copies end first.
+        Nothing else waits (running requests' blocks stay, finished ones' are held), so a
+        vLLM that calls this only when it preempts is served as well."""
+        if self._worker is not None and isinstance(kv_connector_metadata, VUAConnectorMetadata):
+            self._worker.flush(kv_connector_metadata.preempted)
 
     def start_load_kv(self, forward_context: ForwardContext, **kwargs: Any) -> None:
         """Start this step's loads; they complete in the background (see get_finished)."""
@@ -270,24 +356,33 @@ class VUAS3Connector(KVConnectorBase_V1):  # type: ignore[misc]
             self._worker.start_saves(self._plan())
 
     def get_finished(self, finished_req_ids: set[str]) -> tuple[set[str] | None, set[str] | None]:
-        """Requests whose load ended (filled, failed or aborted); saves never hold blocks."""
+        """``(sending, recving)``: finished requests whose copies are done (vLLM frees their
+        blocks), and requests whose load ended (filled, failed, or cancelled because the
+        request finished or was aborted: reported once it stopped writing)."""
         if self._worker is None:
             return None, None
-        return None, self._worker.finished_loads() or None
+        sending, recving = self._worker.finished(finished_req_ids)
+        return sending or None, recving or None
 
     def get_block_ids_with_load_errors(self) -> set[int]:
         """Blocks of the loads reported by get_finished in this pass that stayed unfilled."""
         return self._worker.load_errors() if self._worker is not None else set()
 
     def build_connector_worker_meta(self) -> KVConnectorWorkerMetadata | None:
-        failures = self._worker.take_store_failures() if self._worker is not None else []
-        return VUAWorkerMetadata(store_failures=failures) if failures else None
+        if self._worker is None:
+            return None
+        failures, settled = self._worker.take_store_failures(), self._worker.take_settled()
+        return VUAWorkerMetadata(store_failures=failures, settled=settled) if failures or settled else None
 
     # ------------------------------------------------------------------ metrics
 
     def get_kv_connector_stats(self) -> KVConnectorStats | None:
         if self._scheduler is not None:
-            self._stats.set("breaker_open", float(not self._breaker.allows()))
+            self._stats.level("breaker_open", float(not self._breaker.allows()))
+            probed = sum(probe.probe_requests for probe in self._probes)
+            if probed > self._probed:
+                self._stats.add("lookup_heads", probed - self._probed)
+                self._probed = probed
         values = self._stats.take()
         return VUAS3Stats(data=values) if values else None
 

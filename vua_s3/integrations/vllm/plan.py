@@ -64,3 +64,6 @@ class Plan:
 
     loads: list[LoadSpec] = field(default_factory=list)
     saves: list[SaveSpec] = field(default_factory=list)
+    preempted: list[str] = field(default_factory=list)
+    """Requests vLLM preempted this step: their blocks are freed at once, so the copies of
+    their groups must end before the step writes into the cache."""

@@ -13,7 +13,9 @@ sends new requests straight to prefill.
 from __future__ import annotations
 
 import concurrent.futures
+import json
 import time
+import uuid
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -62,6 +64,10 @@ class _Tracked:
     """The local prefix cache's tokens when vLLM last asked."""
     loading: tuple[int, int] | None = None
     """Tokens ``[start, end)`` being loaded, until the workers report the load."""
+    load_started: float = 0.0
+    saving: bool = False
+    """Saves were planned since the request (re)started: its blocks are held once it
+    finishes until the workers' copies of them are done."""
     loaded: int = 0
     repair_until: int = 0
     """Groups before this token whose load failed: their saves replace bad objects."""
@@ -113,6 +119,10 @@ class SchedulerSide:
         """Stage 0 digest -> the request that had it uploaded."""
         self._loading: dict[bytes, str] = {}
         """Stage 0 digest -> the request loading it now."""
+        self._sending: set[str] = set()
+        """Finished requests whose blocks vLLM holds until the workers' copies are done."""
+        self._epoch: str | None = None
+        """Set by :meth:`reset`: mixed into every new request's salt."""
 
     # ------------------------------------------------------------------ lookups
 
@@ -174,6 +184,8 @@ class SchedulerSide:
         prompt = list(request.prompt_token_ids or ())
         split = self._settings.split_factor
         salt = request_salt(self._settings, request)
+        if self._epoch is not None:
+            salt = json.dumps([self._epoch, salt])
         digests: list[list[bytes]] = [[] for _ in self._probes]
         whole = len(prompt) // split * split
         if usable and whole:
@@ -208,8 +220,7 @@ class SchedulerSide:
         probes = (p.stored_sizes(tokens, salt=salt, first_group=start, heads=self._heads) for p in self._probes)
         tracked.lookup_started = time.monotonic()
         tracked.lookup = self._loop.submit(gather_or_cancel(*probes))
-        self._stats.add("lookups")
-        self._stats.add("lookup_heads", (limit - start) * len(self._probes))
+        self._stats.add("lookups")  # lookup_heads: the probes count the requests they send
 
     def _collect(self, tracked: _Tracked) -> None:
         future, tracked.lookup = tracked.lookup, None
@@ -257,6 +268,7 @@ class SchedulerSide:
         end = tracked.stored
         start = end - num_external_tokens
         tracked.loading = (start, end)
+        tracked.load_started = time.monotonic()
         tracked.block_ids = list(block_ids[: -(-end // self._block_size)])
         tracked.done = max(tracked.done, end)
         first, stop = start // split, end // split
@@ -286,6 +298,7 @@ class SchedulerSide:
             bad = next((i for i, b in enumerate(tracked.block_ids) if b in invalid), None)
             if bad is not None:
                 valid = max(bad * self._block_size, tracked.loading[0])
+                self._stats.add("load_failures", -(-(tracked.loading[1] - valid) // split))
                 tracked.done = min(tracked.done, valid // split * split)
                 tracked.repair_until = max(tracked.repair_until, tracked.loading[1])
                 for group in range(valid // split, tracked.loading[1] // split):
@@ -302,6 +315,9 @@ class SchedulerSide:
                 self._known.put(done.digests[0][group], done.sizes[group])
             self._release_loads(req_id, done)
             done.loading = None
+            # Counted here, once per engine: every worker loads (its heads) and vLLM sums them.
+            self._stats.add("loaded_tokens", end - start)
+            self._stats.add("load_seconds", time.monotonic() - done.load_started)
 
     def _release_loads(self, req_id: str, tracked: _Tracked) -> None:
         for key in tracked.digests[0] if tracked.digests else ():
@@ -314,12 +330,12 @@ class SchedulerSide:
         """This step's loads, and saves of the prompt groups its forward pass completes."""
         if not scheduler_output.total_num_scheduled_tokens:
             self._idle()
-        plan = Plan(loads=self._loads)
+        plan = Plan(loads=self._loads, preempted=sorted(scheduler_output.preempted_req_ids or ()))
         self._loads = []
-        for req_id in scheduler_output.preempted_req_ids or ():
+        for req_id in plan.preempted:
             tracked = self._tracked.get(req_id)
-            if tracked is not None:  # its blocks are gone; it is looked up again when resumed
-                tracked.stored, tracked.lookup, tracked.block_ids = None, None, []
+            if tracked is not None:  # its blocks are gone (once the workers' copies end); looked up again when resumed
+                tracked.stored, tracked.lookup, tracked.block_ids, tracked.saving = None, None, [], False
         if not self._save:
             return plan
         scheduled = scheduler_output.num_scheduled_tokens
@@ -348,7 +364,9 @@ class SchedulerSide:
         lookups = [t.lookup for t in self._tracked.values() if t.lookup is not None]
         if any(lookup.done() for lookup in lookups):
             return  # the next step takes the answer
-        if not self.await_lookup(_IDLE_WAIT) and any(t.loading is not None for t in self._tracked.values()):
+        if not self.await_lookup(_IDLE_WAIT) and (
+            self._sending or any(t.loading is not None for t in self._tracked.values())
+        ):
             time.sleep(_IDLE_WAIT)
 
     def await_lookup(self, timeout: float) -> bool:
@@ -394,6 +412,34 @@ class SchedulerSide:
                 )
             )
         tracked.done = end
+        tracked.saving = True
+
+    def holds(self, req_id: str) -> bool:
+        """At vLLM's ``request_finished``: whether its blocks must stay until the workers
+        report its copies done (``get_finished``'s sending). Not while a load runs: vLLM
+        holds those blocks itself until the (cancelled) load is reported received."""
+        tracked = self._tracked.get(req_id)
+        if tracked is None or not tracked.saving or tracked.loading is not None:
+            return False
+        self._sending.add(req_id)
+        return True
+
+    def sent(self, req_ids: Iterable[str]) -> None:
+        """The workers reported these finished requests' copies done; vLLM frees their blocks."""
+        self._sending.difference_update(req_ids)
+
+    def reset(self) -> None:
+        """vLLM's ``reset_cache`` (after a weight update, say): nothing stored before is
+        reused. A shared store cannot be emptied, so new requests use a new epoch in their
+        salt (keys no one wrote before); requests already tracked stop looking up and saving."""
+        self._epoch = uuid.uuid4().hex
+        for tracked in self._tracked.values():
+            if tracked.lookup is not None:
+                tracked.lookup.cancel()
+            tracked.lookup, tracked.usable = None, False
+            tracked.done = len(tracked.prompt)
+        for probe in self._probes:
+            probe.forget_known()
 
     def finished(self, req_id: str) -> dict[str, Any] | None:
         """Forget a request; what it got from and gave to the store, for its output."""

@@ -39,6 +39,9 @@ class ConnectorSettings:
     """How long groups a lookup or load found stored are trusted without asking again."""
     known_stored_max: int = 16384
     """The most groups trusted at once (the least recently found are forgotten first)."""
+    kv_events_medium: str = "vua_s3"
+    """The ``medium`` of the KV events (``BlockStored``) published for groups stored, when
+    vLLM's KV events are on: names this tier to routers that place requests by cache contents."""
 
     @classmethod
     def from_extra_config(cls, extra: dict[str, Any]) -> ConnectorSettings:
@@ -59,6 +62,8 @@ class ConnectorSettings:
                      "breaker_max_backoff_s", "known_stored_ttl_s"):  # fmt: skip
             positive_seconds(f"{CONNECTOR_NAME}: {name}", getattr(settings, name))
         optional_seconds(f"{CONNECTOR_NAME}: refresh_after", settings.refresh_after)
+        if not isinstance(settings.kv_events_medium, str) or not settings.kv_events_medium:
+            raise ValueError(f"{CONNECTOR_NAME}: kv_events_medium must be a non-empty string")
         if settings.load_failure_policy not in ("recompute", "fail"):
             raise ValueError(f"{CONNECTOR_NAME}: load_failure_policy must be 'recompute' or 'fail'")
         return settings

@@ -2,7 +2,9 @@
 
 Plain dictionaries, so they cross vLLM's process boundaries as they are. Counters add
 up (across workers and intervals); gauges keep the largest value seen (the backlog of
-the busiest worker, the breaker of the scheduler).
+the busiest worker, the breaker of the scheduler). vLLM sums what every worker reports,
+so a counter about requests or groups is counted in one place only (the scheduler, or
+the first worker), never once per tensor-parallel rank.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ import threading
 METRICS: dict[str, tuple[str, str]] = {
     "lookups": ("counter", "Prompts looked up in the store"),
     "lookup_seconds": ("counter", "Time from a lookup's submission to its answer, summed"),
-    "lookup_heads": ("counter", "Fragments probed by lookups (HEAD requests or stats)"),
+    "lookup_heads": ("counter", "Groups lookups asked the store about (one LIST or HEAD each on S3)"),
     "lookup_failures": ("counter", "Lookups that failed (the request was prefilled as a miss)"),
     "lookups_skipped": ("counter", "Requests that skipped the store while the breaker was open"),
     "hit_tokens": ("counter", "Prompt tokens found in the store beyond the local prefix cache"),
@@ -27,8 +29,9 @@ METRICS: dict[str, tuple[str, str]] = {
     "stored_groups": ("counter", "Groups uploaded to the store"),
     "store_bytes": ("counter", "Fragment bytes uploaded to the store"),
     "store_seconds": ("counter", "Time uploads took, from capture to the last fragment, summed"),
-    "store_failures": ("counter", "Uploads that failed (the groups were not stored)"),
-    "dropped_saves": ("counter", "Saves dropped because the upload backlog was full"),
+    "store_failures": ("counter", "Uploads of a rank's heads of a group that failed, summed over ranks"),
+    "dropped_saves": ("counter", "Saves a rank dropped because its upload backlog was full, summed over ranks"),
+    "loads_cancelled": ("counter", "Loads stopped because their request finished or was aborted first"),
     "refreshes": ("counter", "Refresh requests for fragments loads read (refresh_after), counted once answered"),
     "refresh_failures": ("counter", "Refreshes that failed (those fragments expire by their last write)"),
     "backlog_bytes": ("gauge", "KV bytes captured and not yet uploaded"),
@@ -61,6 +64,13 @@ class Recorder:
     def set(self, name: str, value: float) -> None:
         with self._lock:
             if self._gauges.get(name) != value:
+                self._gauges[name] = self._values[name] = value
+
+    def level(self, name: str, value: float) -> None:
+        """A gauge reported at every take while it is not zero (a log interval or a new
+        scrape that saw nothing else still shows it), and once when it returns to zero."""
+        with self._lock:
+            if value or self._gauges.get(name, 0) != value:
                 self._gauges[name] = self._values[name] = value
 
     def take(self) -> dict[str, float]:

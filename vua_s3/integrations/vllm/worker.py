@@ -2,21 +2,24 @@
 
 * Loads run on the connector's loop while the engine keeps stepping: only the groups
   past the local prefix cache are fetched, and each fragment is written into its blocks
-  as it arrives. :meth:`WorkerSide.finished_loads` reports a load once it ended, whether
-  it worked, failed or its request was aborted; the blocks it could not fill go to vLLM
-  in the same pass, and vLLM recomputes them.
+  as it arrives. :meth:`WorkerSide.finished` reports a load once it ended, whether it
+  worked, failed or was cancelled because its request finished (an abort): a cancelled
+  load is reported only once it stopped writing, as vLLM frees the blocks then. The
+  blocks a load could not fill go to vLLM in the same pass, and vLLM recomputes them.
 * Saves copy each finished group out of the paged cache after the forward pass, on a
   copier thread (a side stream on CUDA), then upload a capture's groups concurrently. The
-  backlog is bounded in bytes; the next step's :meth:`WorkerSide.fence` waits for the
-  copies (never the uploads) before vLLM can reuse those blocks. Pending uploads are
-  flushed at shutdown and at a normal interpreter exit, bounded by ``flush_timeout_s``.
+  backlog is bounded in bytes. Nothing waits for the copies at every step: a running
+  request's blocks stay put, a finished request's blocks are held by vLLM until
+  :meth:`WorkerSide.finished` reports its copies done, and only a preempted request's
+  copies are waited for (:meth:`WorkerSide.flush`), before the step that may reuse its
+  blocks. Pending uploads are flushed at shutdown and at a normal interpreter exit,
+  bounded by ``flush_timeout_s``.
 """
 
 from __future__ import annotations
 
 import asyncio
 import concurrent.futures
-import functools
 import logging
 import threading
 import time
@@ -76,7 +79,10 @@ class WorkerSide:
     It reads the objects of the KV heads it holds (``heads``) and writes ``writes``:
     the same heads, or ``None`` on a rank whose replicated head a lower rank writes
     (:func:`vua_s3.shards.rank_writes`), which then captures and uploads nothing.
-    Its copier thread runs on ``cpus`` (:mod:`.affinity`).
+    Its copier thread runs on ``cpus`` (:mod:`.affinity`). ``counts`` says whether it
+    records the counters about requests and groups (one worker per engine does: vLLM sums
+    every worker's); each group upload's outcome goes to the scheduler
+    (:meth:`take_settled`), which counts a group stored once every writing rank stored it.
     """
 
     def __init__(
@@ -96,6 +102,7 @@ class WorkerSide:
         flush_timeout_s: float,
         where: str,
         cpus: frozenset[int] = frozenset(),
+        counts: bool = True,
     ) -> None:
         self._vua = vua
         self._stage = stage
@@ -128,28 +135,53 @@ class WorkerSide:
         )
         # untested: no GPU here
         self._side = torch.cuda.Stream(self._device) if self._cuda else None  # type: ignore[no-untyped-call]
+        self._counts = counts
         self._lock = threading.Lock()
+        self._loads: dict[str, concurrent.futures.Future[None] | None] = {}
+        """Loads in flight (``None`` while being submitted), so a finished request's is cancelled."""
         self._ended: dict[str, set[int]] = {}
+        self._cancelled: set[str] = set()
         self._invalid: set[int] = set()
-        self._copies: list[concurrent.futures.Future[None]] = []
+        self._copies: dict[str, list[concurrent.futures.Future[None]]] = {}
+        """Per request with saves since it (re)started, its copies not known done."""
+        self._held: dict[str, list[concurrent.futures.Future[None]]] = {}
+        """Finished requests whose blocks vLLM holds until their copies are done."""
+        self._settled: list[tuple[str, int, bool]] = []
         self._uploads: set[concurrent.futures.Future[None]] = set()
         self._backlog = 0
         self._store_failures: list[str] = []
         self._flush = weakref.finalize(self, _flush, self._uploads, self._lock, flush_timeout_s)
         # At a normal interpreter exit, before the executors the uploads run on are shut down.
+        # A private hook, kept deliberately: concurrent.futures registers its own shutdown
+        # with it, and those hooks run before ``atexit``'s, so an ``atexit`` handler would
+        # flush into executors that no longer take work. No public hook runs that early.
         threading._register_atexit(self._flush)  # type: ignore[attr-defined]
 
     # ------------------------------------------------------------------ loads
 
     def start_loads(self, plan: Plan) -> None:
         for spec in plan.loads:
-            future = self._loop.submit(self._load(spec))
-            future.add_done_callback(functools.partial(self._load_ended, spec))
+            with self._lock:
+                self._loads[spec.req_id] = None
+            future = self._loop.submit(self._run_load(spec))
+            with self._lock:
+                if spec.req_id in self._loads:  # not ended already
+                    self._loads[spec.req_id] = future
+
+    async def _run_load(self, spec: LoadSpec) -> None:
+        """The load, its end recorded on the loop once it really stopped: a cancelled load
+        may be mid-write until then (a cancelled future says so at once)."""
+        invalid = set(spec.block_ids[spec.start // self._block_size :])  # cancelled: nothing it wrote counts
+        try:
+            invalid = await self._load(spec)
+        finally:
+            with self._lock:
+                self._loads.pop(spec.req_id, None)
+                self._ended[spec.req_id] = invalid
 
     async def _load(self, spec: LoadSpec) -> set[int]:
         """Fetch groups from ``spec.start`` on, each written into its blocks as it lands;
         return the blocks left unfilled."""
-        started = time.monotonic()
         split, bs = self._split, self._block_size
         first_group = spec.start // split
         loaded_bytes = 0
@@ -179,11 +211,8 @@ class WorkerSide:
             groups = 0
         valid = max(spec.start, min(spec.end, (first_group + groups) * split))
         missing = spec.end - valid
-        self._stats.add("loaded_tokens", valid - spec.start)
-        self._stats.add("load_bytes", loaded_bytes)
-        self._stats.add("load_seconds", time.monotonic() - started)
+        self._stats.add("load_bytes", loaded_bytes)  # tokens and failures: the scheduler counts them
         if missing:
-            self._stats.add("load_failures", -(-missing // split))
             total = spec.end - spec.start
             self._problems.report(what, LookupError(f"{missing} of {total} tokens missing or unusable"), consequence)
         return set(spec.block_ids[valid // bs :])
@@ -207,23 +236,39 @@ class WorkerSide:
             paged = [t.reshape(layer.heads, -1, layer.block_size, layer.head_size).transpose(0, 1) for t in pair]
             layer.scatter(blocks, *paged)
 
-    def _load_ended(self, spec: LoadSpec, future: concurrent.futures.Future[set[int]]) -> None:
-        try:
-            invalid = future.result()
-        except BaseException as exc:  # cancelled at shutdown: nothing it wrote counts
-            log.debug("load of %s ended with %r", spec.req_id, exc)
-            invalid = set(spec.block_ids[spec.start // self._block_size :])
+    def finished(self, finished_req_ids: set[str]) -> tuple[set[str], set[str]]:
+        """vLLM's ``get_finished``: ``(sending, recving)``. Loads of the requests that just
+        finished are cancelled; ``recving``: requests whose load ended since the last call
+        (their unfilled blocks are returned by the next :meth:`load_errors`, called in the
+        same pass; a cancelled load's are not: its request is gone). ``sending``: finished
+        requests with saves whose copies are done, so vLLM may free their blocks."""
+        cancelled = 0
         with self._lock:
-            self._ended[spec.req_id] = invalid
-
-    def finished_loads(self) -> set[str]:
-        """Requests whose load ended since the last call; their unfilled blocks are
-        returned by the next :meth:`load_errors` (called in the same pass)."""
-        with self._lock:
+            for req_id in finished_req_ids:
+                load = self._loads.get(req_id)
+                if load is not None and load.cancel():
+                    self._cancelled.add(req_id)
+                    cancelled += 1
+                copies = self._copies.pop(req_id, None)
+                if copies is not None:
+                    self._held[req_id] = copies
+            sending = {req_id for req_id, copies in self._held.items() if all(c.done() for c in copies)}
+            for req_id in sending:
+                del self._held[req_id]
             ended, self._ended = self._ended, {}
-            for invalid in ended.values():
-                self._invalid |= invalid
-        return set(ended)
+            for req_id, invalid in ended.items():
+                if req_id in self._cancelled:
+                    self._cancelled.discard(req_id)
+                else:
+                    self._invalid |= invalid
+        if cancelled and self._counts:
+            self._stats.add("loads_cancelled", cancelled)
+        return sending, set(ended)
+
+    def holds(self) -> bool:
+        """Whether finished requests wait for their copies (an idle step may wait a moment)."""
+        with self._lock:
+            return bool(self._held)
 
     def load_errors(self) -> set[int]:
         with self._lock:
@@ -232,15 +277,37 @@ class WorkerSide:
 
     # ------------------------------------------------------------------ saves
 
-    def fence(self) -> None:
-        """Before a step can overwrite blocks: the copies of earlier captures are done."""
+    def flush(self, req_ids: list[str]) -> None:
+        """Before a step may reuse the blocks of these (preempted) requests: their copies
+        are done. Nothing else is waited for."""
         with self._lock:
-            copies, self._copies = self._copies, []
+            copies = [copy for req_id in req_ids for copy in self._copies.pop(req_id, ())]
         if copies:
             concurrent.futures.wait(copies)
 
+    def _copying(self, req_id: str, copy: concurrent.futures.Future[None] | None) -> None:
+        """Remember a copy of ``req_id`` (every rank records the request, copies or not, so
+        all report it finished together); done copies are forgotten."""
+        with self._lock:
+            copies = self._copies.setdefault(req_id, [])
+            copies[:] = [c for c in copies if not c.done()]
+            if copy is not None:
+                copies.append(copy)
+
+    def _settle(self, spec: SaveSpec, groups: range, ok: set[int]) -> None:
+        with self._lock:
+            self._settled.extend((spec.req_id, group, group in ok) for group in groups)
+
+    def take_settled(self) -> list[tuple[str, int, bool]]:
+        """Group uploads that ended since the last call: ``(request, group, stored)``."""
+        with self._lock:
+            settled, self._settled = self._settled, []
+        return settled
+
     def start_saves(self, plan: Plan) -> None:
         """Copy this step's finished groups out (in the background) and queue their upload."""
+        for spec in plan.saves:
+            self._copying(spec.req_id, None)
         if not plan.saves or self._writes is None:
             return
         ready = self._side_ready()
@@ -248,6 +315,7 @@ class WorkerSide:
         for spec in plan.saves:
             groups = spec.groups
             if len(spec.block_ids) < len(groups) * per_group:  # never upload what was not copied
+                self._settle(spec, groups, set())
                 self._problems.report(
                     f"upload to {self._where}",
                     ValueError(f"{len(spec.block_ids)} blocks for {len(groups)} groups of request {spec.req_id}"),
@@ -261,6 +329,7 @@ class WorkerSide:
                     self._backlog += size
                 backlog = self._backlog
             if full:
+                self._settle(spec, groups, set())
                 self._stats.add("dropped_saves")
                 self._problems.report(
                     f"upload to {self._where}",
@@ -275,11 +344,11 @@ class WorkerSide:
                 ids = spec.block_ids[i * per_group : (i + 1) * per_group]
                 copied = self._copier.submit(self._copy_out, ids, buf, ready)
                 captures.append(_Capture(spec, group, buf, copied, time.monotonic()))
-                with self._lock:
-                    self._copies.append(copied)
+                self._copying(spec.req_id, copied)
             try:
                 future = self._loop.submit(self._upload(spec, captures))
             except RuntimeError as exc:  # the loop is gone (shutting down)
+                self._settle(spec, groups, set())
                 self._problems.report(f"upload to {self._where}", exc, "the groups are not stored")
                 continue
             with self._lock:
@@ -314,9 +383,11 @@ class WorkerSide:
 
     async def _upload(self, spec: SaveSpec, captures: list[_Capture]) -> None:
         ids = torch.tensor(spec.tokens, dtype=torch.int64)
+        ok: set[int] = set()
         try:
-            await gather_or_cancel(*(self._upload_group(ids, spec, c) for c in captures))
+            await gather_or_cancel(*(self._upload_group(ids, spec, c, ok) for c in captures))
         finally:
+            self._settle(spec, range(spec.first_group, spec.first_group + len(captures)), ok)
             for capture in captures:
                 if capture.copied.done():
                     self._buffers.give(capture.buf)
@@ -325,7 +396,7 @@ class WorkerSide:
                 backlog = self._backlog
             self._stats.set("backlog_bytes", backlog)
 
-    async def _upload_group(self, ids: torch.Tensor, spec: SaveSpec, capture: _Capture) -> None:
+    async def _upload_group(self, ids: torch.Tensor, spec: SaveSpec, capture: _Capture, ok: set[int]) -> None:
         await asyncio.wrap_future(capture.copied)
         kv = capture.buf
         layers = [(kv[i, 0].unsqueeze(0), kv[i, 1].unsqueeze(0)) for i in range(kv.size(0))]
@@ -333,9 +404,10 @@ class WorkerSide:
         await self._vua.put_span(
             spec.spans[self._stage], ids, layers, [group], kv_start=group * self._split, heads=self._writes
         )
-        self._stats.add("stored_groups")
+        ok.add(group)
         self._stats.add("store_bytes", self._group_bytes + self._split * 8)
-        self._stats.add("store_seconds", time.monotonic() - capture.started)
+        if self._counts:  # once per engine; the bytes are every rank's
+            self._stats.add("store_seconds", time.monotonic() - capture.started)
 
     def _upload_done(self, future: concurrent.futures.Future[None]) -> None:
         with self._lock:
