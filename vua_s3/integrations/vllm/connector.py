@@ -206,10 +206,9 @@ class VUAS3Connector(KVConnectorBase_V1):  # type: ignore[misc]
         plan = self._scheduler.plan(scheduler_output)
         if not scheduler_output.total_num_scheduled_tokens and self._uploads:
             time.sleep(_IDLE_WAIT)  # stepping only to hear of uploads: do not spin
-        split = self._settings.split_factor
         for spec in plan.saves:
             request = self._requests.get(spec.req_id)
-            for group in range(spec.first_group, len(spec.tokens) // split):
+            for group in spec.groups:
                 event = self._stored_event(request, group) if request is not None else None
                 self._uploads.queued(spec.req_id, group, event)
         return VUAConnectorMetadata(loads=plan.loads, saves=plan.saves, preempted=plan.preempted)
