@@ -2,6 +2,8 @@
 
 vLLM pins its own torch and transformers, so engines run in their own venv
 (``scripts/vllm_venv.sh``, built on first use, reused after), each in a fresh process.
+Every test file here is in the xdist group ``vllm-engines``: under ``scripts/test.sh``
+(``-n 2 --dist loadgroup``) the engines run one at a time on one worker, the rest beside them.
 """
 
 from __future__ import annotations
@@ -17,16 +19,6 @@ REPO = Path(__file__).resolve().parents[2]
 
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "vllm: runs real vLLM engines (minutes); deselect with -m 'not vllm'")
-
-
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """Under pytest-xdist (``scripts/test.sh`` runs ``-n 2 --dist loadgroup``) every engine test
-    goes to one worker: engines run one at a time, as each wants the machine's cores, and the
-    rest of the suite runs beside them on the other worker."""
-    here = Path(__file__).parent
-    for item in items:
-        if here in item.path.parents:
-            item.add_marker(pytest.mark.xdist_group("vllm-engines"))
 
 
 @pytest.fixture(scope="session")

@@ -15,7 +15,7 @@ import pytest
 
 from vua_s3.bench.serving_report import format_serve_report
 
-pytestmark = pytest.mark.vllm
+pytestmark = [pytest.mark.vllm, pytest.mark.xdist_group("vllm-engines")]
 
 REPO = Path(__file__).resolve().parents[2]
 SOURCES = ("prompt_local_compute", "prompt_local_cache_hit", "prompt_external_kv_transfer")

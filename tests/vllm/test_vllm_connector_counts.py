@@ -25,7 +25,7 @@ import torch
 
 from vua_s3.testing.moto import EMBEDDED_CREDENTIALS, EmbeddedS3
 
-pytestmark = pytest.mark.vllm
+pytestmark = [pytest.mark.vllm, pytest.mark.xdist_group("vllm-engines")]
 
 HERE = Path(__file__).parent
 REPO = HERE.parents[1]

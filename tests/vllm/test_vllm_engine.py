@@ -38,7 +38,7 @@ from vua_s3 import VUA
 from vua_s3.manifest import is_manifest_key
 from vua_s3.testing.moto import EMBEDDED_CREDENTIALS, EMBEDDED_REGION, EmbeddedS3, free_port
 
-pytestmark = pytest.mark.vllm
+pytestmark = [pytest.mark.vllm, pytest.mark.xdist_group("vllm-engines")]
 
 RUNNER = Path(__file__).with_name("engine_run.py")
 HF_CHECK = Path(__file__).with_name("hf_kv_check.py")

@@ -31,7 +31,7 @@ from typing import Any
 import pytest
 import torch
 
-pytestmark = pytest.mark.vllm
+pytestmark = [pytest.mark.vllm, pytest.mark.xdist_group("vllm-engines")]
 
 HERE = Path(__file__).parent
 SPLIT = 64

@@ -22,7 +22,7 @@ import torch
 from vua_s3 import VUAConfig
 from vua_s3.ops.gc import gc
 
-pytestmark = pytest.mark.vllm
+pytestmark = [pytest.mark.vllm, pytest.mark.xdist_group("vllm-engines")]
 
 HERE = Path(__file__).parent
 SPLIT = 64

@@ -15,7 +15,7 @@ import pytest
 from vua_s3.bench.serving import complete, serve
 from vua_s3.testing.moto import EmbeddedS3
 
-pytestmark = pytest.mark.vllm
+pytestmark = [pytest.mark.vllm, pytest.mark.xdist_group("vllm-engines")]
 
 
 def test_metrics_in_vllm_serve(vllm_python: Path, tiny_llama: Path, tmp_path: Path) -> None:

@@ -24,7 +24,7 @@ import pytest
 from vua_s3.manifest import is_manifest_key
 from vua_s3.testing.moto import EMBEDDED_CREDENTIALS, EmbeddedS3
 
-pytestmark = pytest.mark.vllm
+pytestmark = [pytest.mark.vllm, pytest.mark.xdist_group("vllm-engines")]
 
 HERE = Path(__file__).parent
 REPO = HERE.parents[1]

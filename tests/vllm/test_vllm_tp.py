@@ -24,7 +24,7 @@ from stored import connector_config
 
 from vua_s3 import VUA
 
-pytestmark = pytest.mark.vllm
+pytestmark = [pytest.mark.vllm, pytest.mark.xdist_group("vllm-engines")]
 
 HERE = Path(__file__).parent
 REPO = HERE.parents[1]
