@@ -23,6 +23,7 @@ from vua_s3.integrations.vllm.plan import LoadSpec, Plan, SaveSpec
 from vua_s3.integrations.vllm.problems import Problems
 from vua_s3.integrations.vllm.stats import Recorder
 from vua_s3.integrations.vllm.worker import WorkerSide
+from vua_s3.keys import Span
 from vua_s3.loop import BackgroundLoop
 from vua_s3.shards import rank_heads, rank_writes
 from vua_s3.testing.faultproxy import Fault, FaultProxy
@@ -32,6 +33,15 @@ SPLIT, BLOCK, KV_HEADS, HEAD_SIZE, LAYERS = 32, 16, 2, 8, 2
 TOKENS = list(range(7, 7 + 2 * SPLIT))
 BLOCKS = list(range(2 * SPLIT // BLOCK))
 CFG = VUAConfig(split_factor=SPLIT, namespace="lifecycle")
+
+
+def _span(tokens: list[int]) -> Span:
+    chain = CFG.chain(torch.tensor(tokens))
+    return Span.of(chain, 0, len(chain))
+
+
+def _save(req: str, tokens: list[int], blocks: list[int]) -> SaveSpec:
+    return SaveSpec(req, tokens, blocks, [_span(tokens)])
 POLLS = 3000
 
 
@@ -62,8 +72,8 @@ def test_finished_requests_hold_their_blocks_until_their_copies_are_done(tmp_pat
     loop = BackgroundLoop()
     try:
         worker = _worker(str(tmp_path), loop, _caches(True))
-        worker.start_saves(Plan(saves=[SaveSpec("run", TOKENS, 0, BLOCKS, None)]))
-        worker.start_saves(Plan(saves=[SaveSpec("pre", list(range(500, 500 + SPLIT)), 0, BLOCKS[:2], None)]))
+        worker.start_saves(Plan(saves=[_save("run", TOKENS, BLOCKS)]))
+        worker.start_saves(Plan(saves=[_save("pre", list(range(500, 500 + SPLIT)), BLOCKS[:2])]))
         for _ in range(20):  # running: its blocks are never released, however long its copies took
             assert worker.finished(set()) == (set(), set())
         worker.flush(["pre"])  # preempted: its copies end before the step that may reuse its blocks
@@ -77,7 +87,7 @@ def test_finished_requests_hold_their_blocks_until_their_copies_are_done(tmp_pat
         assert len(list(tmp_path.rglob("*.safetensors"))) == 3 * KV_HEADS  # and everything stored
 
         idle = _worker(str(tmp_path), loop, _caches(True, heads=1), tp=4, rank=1)  # a replica a lower rank writes
-        idle.start_saves(Plan(saves=[SaveSpec("r", TOKENS, 0, BLOCKS, None)]))
+        idle.start_saves(Plan(saves=[_save("r", TOKENS, BLOCKS)]))
         assert idle.finished({"r"})[0] == {"r"}
         idle.shutdown()
     finally:
@@ -90,7 +100,7 @@ def test_an_aborted_load_is_cancelled_while_its_gets_are_held(moto_server: Embed
     url = f"s3://{moto_server.bucket}/abort?endpoint_url={proxy.endpoint_url}&region=us-east-1&addressing=path"
     try:
         writer = _worker(url, loop, _caches(True))
-        writer.start_saves(Plan(saves=[SaveSpec("w", TOKENS, 0, BLOCKS, None)]))
+        writer.start_saves(Plan(saves=[_save("w", TOKENS, BLOCKS)]))
         writer.shutdown()
         sizes = loop.run(AsyncVUA(CFG, url).stored_sizes(torch.tensor(TOKENS)))
         assert len(sizes) == 2
@@ -98,7 +108,7 @@ def test_an_aborted_load_is_cancelled_while_its_gets_are_held(moto_server: Embed
         proxy.faults = [Fault("hold", method="GET")]
         caches = _caches(False)
         reader = _worker(url, loop, caches)
-        reader.start_loads(Plan(loads=[LoadSpec("r", TOKENS, 0, BLOCKS, None, [sizes])]))
+        reader.start_loads(Plan(loads=[LoadSpec("r", TOKENS, 0, len(TOKENS), BLOCKS, [_span(TOKENS)], [()], [sizes])]))
         assert proxy.held.wait(30)
         _, recving = reader.finished({"r"})  # the request finished (aborted): its load is cancelled
         for _ in range(POLLS):  # steps, while the proxy holds the GETs (for 30 s)
