@@ -42,6 +42,8 @@ def _span(tokens: list[int]) -> Span:
 
 def _save(req: str, tokens: list[int], blocks: list[int]) -> SaveSpec:
     return SaveSpec(req, tokens, blocks, [_span(tokens)])
+
+
 POLLS = 3000
 
 
