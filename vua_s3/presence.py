@@ -3,12 +3,11 @@ ask the store (one request per group, in a few waves; ``probe.py`` plans the wav
 
 from __future__ import annotations
 
-import time
-from collections import OrderedDict
 from collections.abc import Sequence
 
 from .keys import Group
 from .probe import stored_prefix
+from .recent import Recent
 from .storage import ObjectInfo, Store
 
 
@@ -24,42 +23,24 @@ class KnownPresent:
     """
 
     def __init__(self, capacity: int = 4096, ttl: float = 30.0) -> None:
-        self._capacity = capacity
-        self._ttl = ttl
-        self._entries: OrderedDict[str, tuple[float, ObjectInfo | None]] = OrderedDict()
-
-    def _entry(self, key: str) -> tuple[float, ObjectInfo | None] | None:
-        entry = self._entries.get(key)
-        if entry is None:
-            return None
-        if time.monotonic() - entry[0] > self._ttl:
-            del self._entries[key]
-            return None
-        self._entries.move_to_end(key)
-        return entry
+        self._entries: Recent[str, ObjectInfo | None] = Recent(capacity, ttl)
 
     def get(self, key: str) -> ObjectInfo | None:
-        entry = self._entry(key)
-        return None if entry is None else entry[1]
+        entry = self._entries.entry(key, touch=True)
+        return None if entry is None else entry[0]
 
     def seen_missing(self, key: str) -> bool:
-        entry = self._entry(key)
-        return entry is not None and entry[1] is None
+        entry = self._entries.entry(key, touch=True)
+        return entry is not None and entry[0] is None
 
     def add(self, info: ObjectInfo) -> None:
-        self._remember(info.key, info)
+        self._entries.put(info.key, info)
 
     def add_missing(self, key: str) -> None:
-        self._remember(key, None)
-
-    def _remember(self, key: str, info: ObjectInfo | None) -> None:
-        self._entries[key] = (time.monotonic(), info)
-        self._entries.move_to_end(key)
-        while len(self._entries) > self._capacity:
-            self._entries.popitem(last=False)
+        self._entries.put(key, None)
 
     def discard(self, key: str) -> None:
-        self._entries.pop(key, None)
+        self._entries.discard(key)
 
     def clear(self) -> None:
         self._entries.clear()

@@ -14,6 +14,7 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass, replace
 
+from ..config import DEFAULT_SPLIT_FACTOR
 from .random_llama import VOCAB
 from .serving import Session, Workload
 
@@ -31,7 +32,7 @@ class PromptShape:
     reply_tokens: int = 16
     """A chat round's stand-in reply (the prefix is what matters, not its text)."""
     concurrency: int = 4
-    split_factor: int = 256
+    split_factor: int = DEFAULT_SPLIT_FACTOR
 
 
 class _Tokens:

@@ -24,12 +24,12 @@ import torch
 
 from ...keys import Span
 from ...loop import BackgroundLoop, gather_or_cancel
+from ...recent import Recent
 from ...shards import HeadRange
 from ...vua import AsyncVUA
 from .breaker import Breaker
 from .identity import request_salt
 from .plan import LoadSpec, Plan, SaveSpec
-from .recent import Recent
 from .settings import ConnectorSettings, cacheable
 from .stats import Recorder
 
@@ -113,9 +113,9 @@ class SchedulerSide:
         self._tracked: dict[str, _Tracked] = {}
         self._loads: list[LoadSpec] = []
         ttl, most = settings.known_stored_ttl_s, settings.known_stored_max
-        self._known: Recent[tuple[int, ...]] = Recent(most, ttl)
+        self._known: Recent[bytes, tuple[int, ...]] = Recent(most, ttl)
         """Stage 0 digest -> sizes per stage, of groups a lookup or load found stored."""
-        self._saving: Recent[str] = Recent(most, ttl)
+        self._saving: Recent[bytes, str] = Recent(most, ttl)
         """Stage 0 digest -> the request that had it uploaded."""
         self._loading: dict[bytes, str] = {}
         """Stage 0 digest -> the request loading it now."""
