@@ -56,7 +56,6 @@ def _lists(requests: list[list[str]]) -> int:
     return sum(1 for m, _, q in requests if m == "GET" and "list-type=2" in q)
 
 
-@pytest.mark.xfail(reason="fails on the merged connector (open)", strict=False)
 def test_lookups_at_arrival_and_one_load_per_group(vllm_python: Path, tiny_llama: Path, tmp_path: Path) -> None:
     report = _run(vllm_python, tiny_llama, tmp_path / "on.json", "--prefix-caching")
 
@@ -76,7 +75,7 @@ def test_lookups_at_arrival_and_one_load_per_group(vllm_python: Path, tiny_llama
         assert _lists(requests) == 0 and len(_objects(requests, "GET")) == GROUPS * KV_HEADS
 
 
-@pytest.mark.xfail(reason="fails on the merged connector (open)", strict=False)
+@pytest.mark.xfail(reason="intermittent: some runs see no PUT at all on the merged connector (open)", strict=False)
 def test_one_upload_per_group(vllm_python: Path, tiny_llama: Path, tmp_path: Path) -> None:
     report = _run(vllm_python, tiny_llama, tmp_path / "off.json", "--no-prefix-caching")
     puts = _objects(report["uploads"]["requests"], "PUT")
