@@ -85,7 +85,7 @@ def test_reset_mid_multipart_upload_fails_and_leaves_nothing(moto_server, proxy,
     proxy.faults = [Fault("reset", method="PUT", query_contains="partNumber=2", after_bytes=64 << 10)]
     key = f"{prefix}/{BIG.tokens_to_paths(BIG_TOKENS)[0]}"
     with VUA(BIG, url_via(moto_server.bucket, proxy.endpoint_url, prefix, "&max_attempts=2" + MULTIPART)) as vua:
-        with pytest.raises(StoreUnavailableError, match=r"upload_part on s3://vua-cache/.*\.safetensors failed"):
+        with pytest.raises(StoreUnavailableError, match=rf"upload_part on s3://{moto_server.bucket}/.*\.safetensors failed"):
             vua.put(BIG_TOKENS, BIG_KV)
         assert not exists(moto_server, key)
         assert leftover_uploads(moto_server, prefix) == []
@@ -278,7 +278,7 @@ def test_endpoint_down_is_a_miss_with_one_warning_per_outage(moto_server, proxy,
 def test_endpoint_down_raises_when_strict(moto_server, proxy, prefix) -> None:  # type: ignore[no-untyped-def]
     proxy.down()
     with VUA(CFG, url_via(moto_server.bucket, proxy.endpoint_url, prefix), strict=True) as vua:
-        with pytest.raises(StoreUnavailableError, match="head_bucket on bucket 'vua-cache' failed"):
+        with pytest.raises(StoreUnavailableError, match=f"head_bucket on bucket '{moto_server.bucket}' failed"):
             vua.get_closest(TOKENS)
         with pytest.raises(StoreUnavailableError):
             vua.lookup(TOKENS)
@@ -305,7 +305,7 @@ def test_slow_endpoint_is_a_miss_after_the_timeout(moto_server, proxy, prefix, c
         assert vua.lookup(TOKENS) == 0
         assert len(outage_warnings(caplog)) == 2
     strict = VUA(CFG, url, timeout=1.0, strict=True)
-    with strict, pytest.raises(StoreUnavailableError, match=r"lookup on s3://vua-cache/.*timeout=1\.0s"):
+    with strict, pytest.raises(StoreUnavailableError, match=rf"lookup on s3://{moto_server.bucket}/.*timeout=1\.0s"):
         strict.lookup(TOKENS)
 
 
@@ -392,19 +392,19 @@ def test_access_denied_raises_naming_bucket_and_operation(moto_server, proxy, pr
     proxy.faults = [Fault("status", status=403, code="InvalidAccessKeyId")]
     with VUA(CFG, url_via(moto_server.bucket, proxy.endpoint_url, prefix)) as vua:
         for _ in range(2):  # not once, then a silent miss: every call says why
-            with pytest.raises(AccessDeniedError, match=r"head_bucket on bucket 'vua-cache' was refused"):
+            with pytest.raises(AccessDeniedError, match=f"head_bucket on bucket '{moto_server.bucket}' was refused"):
                 vua.lookup(TOKENS)
-            with pytest.raises(AccessDeniedError, match="vua-cache"):
+            with pytest.raises(AccessDeniedError, match=moto_server.bucket):
                 vua.get_closest(TOKENS)
 
 
 @pytest.mark.parametrize(
     ("method", "verb", "message"),
     [
-        ("PUT", "put", r"put_object on s3://vua-cache/t-\w+/default/.* was refused \(AccessDenied\)"),
-        ("GET", "get_closest", r"get_object on s3://vua-cache/t-\w+/default/.* was refused \(AccessDenied\)"),
-        ("HEAD", "lookup of one head", r"head_object on s3://vua-cache/t-\w+/default/.* was refused \(403\)"),
-        ("LIST", "lookup", r"list_objects_v2 on s3://vua-cache/t-\w+/default/.* was refused \(AccessDenied\)"),
+        ("PUT", "put", r"put_object on s3://{bucket}/t-\w+/default/.* was refused \(AccessDenied\)"),
+        ("GET", "get_closest", r"get_object on s3://{bucket}/t-\w+/default/.* was refused \(AccessDenied\)"),
+        ("HEAD", "lookup of one head", r"head_object on s3://{bucket}/t-\w+/default/.* was refused \(403\)"),
+        ("LIST", "lookup", r"list_objects_v2 on s3://{bucket}/t-\w+/default/.* was refused \(AccessDenied\)"),
     ],
 )
 def test_missing_permission_raises_even_when_not_strict(moto_server, proxy, prefix, method, verb, message) -> None:  # type: ignore[no-untyped-def]
@@ -414,7 +414,7 @@ def test_missing_permission_raises_even_when_not_strict(moto_server, proxy, pref
         where = {"path_contains": "/default/"} if method != "LIST" else {"query_contains": "list-type=2"}
         method = "GET" if method == "LIST" else method
         proxy.faults = [Fault("status", method=method, status=403, code="AccessDenied", **where)]  # type: ignore[arg-type]
-        with pytest.raises(AccessDeniedError, match=message):
+        with pytest.raises(AccessDeniedError, match=message.format(bucket=moto_server.bucket)):
             if verb == "put":
                 vua.put(TOKENS, KV)
             elif verb == "lookup of one head":

@@ -167,3 +167,12 @@ def test_a_script_that_never_closes_its_vua_exits_quietly(moto_server) -> None: 
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "32"
     assert "Unclosed" not in done.stderr and "Traceback" not in done.stderr
+
+
+def test_embedded_servers_in_one_process_do_not_share_objects() -> None:
+    """moto keeps objects per process: a later server must not serve an earlier one's."""
+    with EmbeddedS3() as first:
+        first.client().put_object(Bucket=first.bucket, Key="kv/group", Body=b"x")
+    with EmbeddedS3() as second:
+        assert second.bucket != first.bucket
+        assert second.client().list_objects_v2(Bucket=second.bucket).get("KeyCount") == 0

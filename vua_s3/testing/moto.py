@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import itertools
 import socket
 import subprocess
 import sys
@@ -29,14 +30,23 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
+#: Embedded servers started in this process so far: names each one's default bucket.
+_STARTED = itertools.count(1)
+
+
 class EmbeddedS3:
-    """A moto S3 server on a free loopback port, with one bucket created.
+    """A moto S3 server on a free loopback port, with one empty bucket created.
 
     ``with EmbeddedS3() as s3: VUA(cfg, s3.url("prefix"), ...)`` — the store must be
     given this server's credentials (see :meth:`session`) or find them in the env.
+
+    moto keeps its objects per process, not per server: every server started in one
+    process serves the same buckets, even after an earlier one stopped. So each gets a
+    bucket of its own by default (``vua-cache``, then ``vua-cache-2`` ...), and a test never
+    finds what an earlier test in the same process stored.
     """
 
-    def __init__(self, bucket: str = "vua-cache") -> None:
+    def __init__(self, bucket: str | None = None) -> None:
         try:
             from moto.server import ThreadedMotoServer
         except ImportError:
@@ -44,6 +54,9 @@ class EmbeddedS3:
                 "the embedded S3 server needs moto, which is not installed: pip install 'vua_s3[embedded]'"
             ) from None
 
+        if bucket is None:
+            number = next(_STARTED)
+            bucket = "vua-cache" if number == 1 else f"vua-cache-{number}"
         self.bucket = bucket
         self.port = free_port()
         self.endpoint_url = f"http://127.0.0.1:{self.port}"
