@@ -85,7 +85,8 @@ def test_reset_mid_multipart_upload_fails_and_leaves_nothing(moto_server, proxy,
     proxy.faults = [Fault("reset", method="PUT", query_contains="partNumber=2", after_bytes=64 << 10)]
     key = f"{prefix}/{BIG.tokens_to_paths(BIG_TOKENS)[0]}"
     with VUA(BIG, url_via(moto_server.bucket, proxy.endpoint_url, prefix, "&max_attempts=2" + MULTIPART)) as vua:
-        with pytest.raises(StoreUnavailableError, match=rf"upload_part on s3://{moto_server.bucket}/.*\.safetensors failed"):
+        failed = rf"upload_part on s3://{moto_server.bucket}/.*\.safetensors failed"
+        with pytest.raises(StoreUnavailableError, match=failed):
             vua.put(BIG_TOKENS, BIG_KV)
         assert not exists(moto_server, key)
         assert leftover_uploads(moto_server, prefix) == []
