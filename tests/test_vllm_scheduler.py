@@ -144,6 +144,27 @@ def test_the_lookup_starts_when_the_request_arrives(tmp_path: Path, scheduler: S
     assert scheduler.side.matched(miss, 0) == (0, False)
 
 
+async def _stall(seconds: float) -> None:
+    time.sleep(seconds)  # holds the loop: what is submitted meanwhile waits
+
+
+def test_requests_arriving_together_share_one_probe(tmp_path: Path, scheduler: Scheduler) -> None:
+    """The second of two requests on one prefix joins the first's probe of it and probes
+    only its own group past it; past a miss, nothing the second probed counts."""
+    store_prompt(tmp_path, None)
+    for shared, found in ((PROMPT[:32], 32), (list(range(300, 332)), 0)):
+        a, b = request("a", prompt=[*shared, *range(700, 725)]), request("b", prompt=[*shared, *range(800, 825)])
+        lists = scheduler.store.lists
+        scheduler.loop.submit(_stall(0.3))  # both arrive before either probe runs
+        scheduler.side.arrived(a)
+        scheduler.side.arrived(b)
+        answers = (found, True) if found else (0, False)
+        assert scheduler.matched(a) == answers and scheduler.matched(b) == answers
+        assert scheduler.store.lists - lists == 3 + 1  # a: its 3 groups; b: its third
+        for req in (a, b):
+            scheduler.side.finished(req.request_id)
+
+
 def test_a_recent_hit_is_trusted_and_a_miss_never_is(tmp_path: Path, scheduler: Scheduler) -> None:
     store_prompt(tmp_path, None)
     scheduler.arrive(request("r1"))
@@ -261,6 +282,28 @@ def test_one_upload_per_group(tmp_path: Path) -> None:
         assert scheduler.matched(request("d"), 0) == (32, True)
         scheduler.side.allocated(request("d"), list(range(6)), 0)  # vLLM chose to compute them
         assert scheduler.side.plan(step([("d", 0, 41)])).saves == []
+    finally:
+        scheduler.close()
+
+
+def test_groups_this_engine_stored_are_trusted(tmp_path: Path) -> None:
+    """Once the workers report a request's groups stored, a request on them probes none:
+    the upload is as good as a lookup's hit, and its object sizes serve the load."""
+    scheduler = Scheduler(tmp_path, save=True)
+    try:
+        scheduler.arrive(request("a"))
+        assert scheduler.matched(request("a")) == (0, False)
+        (save,) = scheduler.side.plan(step([("a", 0, 41)])).saves
+        store_prompt(tmp_path, None)  # what the workers upload
+        sizes = scheduler.loop.run(scheduler.probe.stored_sizes(torch.tensor(PROMPT[:32]), heads=HEADS))
+        scheduler.side.finished("a")
+        scheduler.side.uploaded(zip(save.spans[0].digests, [(size,) for size in sizes], strict=True))
+        lists = scheduler.store.lists
+        scheduler.arrive(request("b"))  # not in the local prefix cache (evicted, say)
+        assert scheduler.matched(request("b")) == (32, True) and scheduler.store.lists == lists
+        scheduler.side.allocated(request("b"), list(range(6)), 32)
+        (load,) = scheduler.side.plan(step([])).loads
+        assert load.sizes == [sizes]
     finally:
         scheduler.close()
 

@@ -3,8 +3,9 @@ paged caches on the CPU, real stores (POSIX; moto behind a fault proxy for a loa
 hangs), the connector's own WorkerSide.
 
 * a finished request's blocks are released (``finished``'s sending) once the copies out
-  of them are done, never while it runs; a preempted request's copies are waited for by
-  ``flush`` and it is not reported again; a rank that writes nothing reports it at once;
+  of them are done, never while it runs; each group stored is reported with its objects'
+  size; a preempted request's copies are waited for by ``flush`` and it is not reported
+  again; a rank that writes nothing reports it at once;
 * a finished (aborted) request's load is cancelled while its GETs are still held, reported
   received once it stopped, with no block reported as failed and nothing written.
 """
@@ -86,7 +87,14 @@ def test_finished_requests_hold_their_blocks_until_their_copies_are_done(tmp_pat
         assert not worker.holds()
         assert worker.finished(set()) == (set(), set())  # reported once
         worker.shutdown()
-        assert len(list(tmp_path.rglob("*.safetensors"))) == 3 * KV_HEADS  # and everything stored
+        objects = list(tmp_path.rglob("*.safetensors"))
+        assert len(objects) == 3 * KV_HEADS  # and everything stored, each group reported with its size
+        settled = sorted((s.req_id, s.group, s.stage, s.size) for s in worker.take_settled())
+        probe = AsyncVUA(CFG, str(tmp_path))
+        run = loop.run(probe.stored_sizes(torch.tensor(TOKENS)))
+        (pre,) = loop.run(probe.stored_sizes(torch.tensor(range(500, 500 + SPLIT))))
+        assert settled == [("pre", 0, 0, pre), ("run", 0, 0, run[0]), ("run", 1, 0, run[1])]
+        loop.run(probe.close())
 
         idle = _worker(str(tmp_path), loop, _caches(True, heads=1), tp=4, rank=1)  # a replica a lower rank writes
         idle.start_saves(Plan(saves=[_save("r", TOKENS, BLOCKS)]))

@@ -218,18 +218,18 @@ class GroupIO:
         groups: Sequence[int],
         kv_start: int,
         heads: HeadRange | None,
-    ) -> None:
+    ) -> list[int]:
         ids = self._span_ids(span, ids)
         chain = self._config.span_groups(span)
         if any(not span.first <= number < span.stop for number in groups):
             raise ValueError(f"groups {list(groups)} are not all in the span [{span.first}, {span.stop})")
-        await self._write(ids, kvcache, [chain[number - span.first] for number in groups], kv_start, heads)
+        return await self._write(ids, kvcache, [chain[number - span.first] for number in groups], kv_start, heads)
 
     async def _write(
         self, ids: torch.Tensor, kvcache: KVCache, groups: Sequence[Group], kv_start: int, heads: HeadRange | None
-    ) -> None:
+    ) -> list[int]:
         held = inputs.held_heads(kvcache, heads)
         self._heads.learn(held.total)
         encoder = Encoder(kvcache, 0, first_head=held.start)
         writes = (self._io.write_group(encoder, kv_start, ids, group, held) for group in groups)
-        await gather_or_cancel(*writes)
+        return await gather_or_cancel(*writes)

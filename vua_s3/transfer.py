@@ -64,16 +64,16 @@ class ObjectIO:
 
     async def write_group(
         self, encoder: fragment.Encoder, kv_start: int, ids: torch.Tensor, group: Group, heads: HeadRange
-    ) -> None:
+    ) -> int:
         """One object per head, the representative last, so finding it means this writer
-        stored the rest."""
+        stored the rest; the representative's size (every head of a group has it)."""
         await gather_or_cancel(*(self._write_head(encoder, kv_start, ids, group, heads, h) for h in heads.rest))
-        await self._write_head(encoder, kv_start, ids, group, heads, heads.representative)
+        return await self._write_head(encoder, kv_start, ids, group, heads, heads.representative)
 
     async def _write_head(
         self, encoder: fragment.Encoder, kv_start: int, ids: torch.Tensor, group: Group, heads: HeadRange, head: int
-    ) -> None:
-        """One object: it goes out as views of the caller's tensors. Host memory is encoded
+    ) -> int:
+        """One object, whose size it returns: it goes out as views of the caller's tensors. Host memory is encoded
         on the loop (slicing views and a CRC that releases the GIL: handing each object to a
         thread costs more in GIL hand-offs); device memory is copied out on a thread."""
         key = group.key(head)
@@ -92,7 +92,9 @@ class ObjectIO:
                 await self._store.put_segments(key, segments)
             else:
                 await self._store.put_checked(key, segments, crc)
-        self._known.add(ObjectInfo(key=key, size=sum(map(len, segments)), last_modified=time.time()))
+        size = sum(map(len, segments))
+        self._known.add(ObjectInfo(key=key, size=size, last_modified=time.time()))
+        return size
 
     # ------------------------------------------------------------------ reads
 

@@ -346,9 +346,11 @@ class AsyncVUA:
         *,
         kv_start: int = 0,
         heads: HeadRange | None = None,
-    ) -> None:
-        """:meth:`put_groups` for the groups ``groups`` of ``span``, whose tokens are ``ids``."""
-        await self._quietly(self._groups.put_span(span, ids, kvcache, groups, kv_start, heads))
+    ) -> list[int]:
+        """:meth:`put_groups` for the groups ``groups`` of ``span``, whose tokens are ``ids``;
+        each group's object size, as :meth:`stored_sizes` reports it (what a load of the
+        groups needs to skip its probe)."""
+        return await self._quietly(self._groups.put_span(span, ids, kvcache, groups, kv_start, heads))
 
     async def put_groups(
         self,

@@ -54,7 +54,7 @@ from .problems import Problems
 from .scheduler import SchedulerSide
 from .settings import CONNECTOR_NAME, ConnectorSettings
 from .stats import Recorder
-from .uploads import Uploads
+from .uploads import Settled, Uploads
 from .worker import WorkerSide
 
 if TYPE_CHECKING:
@@ -88,10 +88,10 @@ class VUAConnectorMetadata(KVConnectorMetadata, Plan):  # type: ignore[misc]
 @dataclass
 class VUAWorkerMetadata(KVConnectorWorkerMetadata):  # type: ignore[misc]
     """What the workers saw this step: store failures (they open the scheduler's breaker)
-    and the group uploads that ended, ``(request, group, stored)`` per writing rank."""
+    and the group uploads that ended, per writing rank."""
 
     store_failures: list[str] = field(default_factory=list)
-    settled: list[tuple[str, int, bool]] = field(default_factory=list)
+    settled: list[Settled] = field(default_factory=list)
 
     def aggregate(self, other: KVConnectorWorkerMetadata) -> KVConnectorWorkerMetadata:
         if isinstance(other, VUAWorkerMetadata):
@@ -146,7 +146,7 @@ class VUAS3Connector(KVConnectorBase_V1):  # type: ignore[misc]
             probes = self._probes = [self._open(stage, self._settings.lookup_timeout_s) for stage in stages]
             tp, kv_heads = parallel.tensor_parallel_size, vllm_config.model_config.get_total_num_kv_heads()
             writers = sum(rank_writes(tp, rank, kv_heads) is not None for rank in range(tp))
-            self._uploads: Uploads[KVCacheEvent] = Uploads(writers * parallel.pipeline_parallel_size)
+            self._uploads: Uploads[KVCacheEvent] = Uploads(writers, parallel.pipeline_parallel_size)
             # Opening the store's client (sessions, credentials, first connection) costs a
             # noticeable moment; do it now, not in the first request's lookup.
             self._loop.submit(_warm_up(probes[0]))
@@ -208,9 +208,9 @@ class VUAS3Connector(KVConnectorBase_V1):  # type: ignore[misc]
             time.sleep(_IDLE_WAIT)  # stepping only to hear of uploads: do not spin
         for spec in plan.saves:
             request = self._requests.get(spec.req_id)
-            for group in spec.groups:
+            for group, key in zip(spec.groups, spec.spans[0].digests, strict=True):
                 event = self._stored_event(request, group) if request is not None else None
-                self._uploads.queued(spec.req_id, group, event)
+                self._uploads.queued(spec.req_id, group, key, event)
         return VUAConnectorMetadata(loads=plan.loads, saves=plan.saves, preempted=plan.preempted)
 
     def _stored_event(self, request: Request, group: int) -> BlockStored | None:
@@ -236,7 +236,8 @@ class VUAS3Connector(KVConnectorBase_V1):  # type: ignore[misc]
 
     def update_connector_output(self, connector_output: KVConnectorOutput) -> None:
         """Loads the workers finished (blocks they could not fill are recomputed by
-        vLLM and stored again); upload failures open the breaker."""
+        vLLM and stored again); groups stored (trusted from now on, like a lookup's hits);
+        upload failures open the breaker."""
         assert self._scheduler is not None
         self._scheduler.loads_reported(connector_output.finished_recving or (), connector_output.invalid_block_ids)
         self._scheduler.sent(connector_output.finished_sending or ())
@@ -247,7 +248,8 @@ class VUAS3Connector(KVConnectorBase_V1):  # type: ignore[misc]
             self._breaker.failed(f"upload to {self._where}", meta.store_failures[0])
         stored, events = self._uploads.settled(meta.settled)
         if stored:
-            self._stats.add("stored_groups", stored)
+            self._stats.add("stored_groups", len(stored))
+            self._scheduler.uploaded(stored)
         self._events.extend(events)
 
     def has_pending_push_work(self) -> bool:

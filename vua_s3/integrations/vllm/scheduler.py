@@ -3,20 +3,22 @@
 Nothing here waits on the store. A lookup is submitted when the request arrives
 (:meth:`SchedulerSide.arrived`), so it is usually answered by the time vLLM first asks;
 :meth:`SchedulerSide.matched` answers ``None`` (vLLM asks again next step) only while it
-is not. Groups a recent lookup found are trusted for ``known_stored_ttl_s`` without asking
-again (misses never are); a group is loaded by one request at a time (the others wait for
-it and find it in vLLM's prefix cache) and uploaded once. Hits are loaded asynchronously
+is not. Groups a recent lookup found or this engine stored are trusted for
+``known_stored_ttl_s`` without asking again (misses never are); requests arriving together
+on one new prefix share one probe of it; a group is loaded by one request at a time (the
+others wait for it and find it in vLLM's prefix cache) and uploaded once. Hits are loaded asynchronously
 (vLLM parks the request until the workers report it). After a store failure the breaker
 sends new requests straight to prefill.
 """
 
 from __future__ import annotations
 
+import asyncio
 import concurrent.futures
 import json
 import time
 import uuid
-from collections.abc import Iterable, Sequence
+from collections.abc import Coroutine, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -38,6 +40,10 @@ if TYPE_CHECKING:
     from vllm.v1.request import Request
 
 
+Answer = concurrent.futures.Future[list[list[int]]]
+"""A lookup: per pipeline stage, the object sizes of the groups found, from its first group."""
+
+
 @dataclass
 class _Tracked:
     """Scheduler-side state of one request."""
@@ -49,7 +55,7 @@ class _Tracked:
     usable: bool
     done: int = 0
     """Leading prompt tokens known stored or already handed to a worker to save."""
-    lookup: concurrent.futures.Future[list[list[int]]] | None = None
+    lookup: Answer | None = None
     lookup_from: int = 0
     """First group the lookup probed (those before were trusted or are being saved here)."""
     lookup_started: float = 0.0
@@ -119,6 +125,9 @@ class SchedulerSide:
         """Stage 0 digest -> the request that had it uploaded."""
         self._loading: dict[bytes, str] = {}
         """Stage 0 digest -> the request loading it now."""
+        self._probing: Recent[bytes, tuple[Answer, int, list[bytes]]] = Recent(most, settings.lookup_timeout_s)
+        """Stage 0 digest of a lookup's first group -> the lookup, the group it stops before
+        and its request's stage 0 digests."""
         self._sending: set[str] = set()
         """Finished requests whose blocks vLLM holds until the workers' copies are done."""
         self._epoch: str | None = None
@@ -217,9 +226,24 @@ class SchedulerSide:
             return
         tokens = torch.tensor(tracked.prompt[: limit * split], dtype=torch.int64)
         salt = tracked.salt
-        probes = (p.stored_sizes(tokens, salt=salt, first_group=start, heads=self._heads) for p in self._probes)
+
+        def probe(first: int) -> Coroutine[Any, Any, list[list[int]]]:
+            probes = (p.stored_sizes(tokens, salt=salt, first_group=first, heads=self._heads) for p in self._probes)
+            return gather_or_cancel(*probes)
+
         tracked.lookup_started = time.monotonic()
-        tracked.lookup = self._loop.submit(gather_or_cancel(*probes))
+        earlier = self._probing.get(keys[start])
+        if earlier is not None and not earlier[0].done():  # these groups are being probed: join that
+            answer, stop, theirs = earlier
+            shared = start
+            while shared < min(stop, limit) and theirs[shared] == keys[shared]:
+                shared += 1
+            rest = probe(shared) if shared < limit else None
+            tracked.lookup = self._loop.submit(_joined(answer, shared - start, rest))
+        else:
+            tracked.lookup = self._loop.submit(probe(start))
+        if earlier is None or earlier[0].done() or earlier[1] < limit:
+            self._probing.put(keys[start], (tracked.lookup, limit, keys))
         self._stats.add("lookups")  # lookup_heads: the probes count the requests they send
 
     def _collect(self, tracked: _Tracked) -> None:
@@ -414,6 +438,13 @@ class SchedulerSide:
         tracked.done = end
         tracked.saving = True
 
+    def uploaded(self, groups: Iterable[tuple[bytes, tuple[int, ...]]]) -> None:
+        """Groups this engine stored, ``(stage-0 digest, object size per stage)``: trusted
+        as a lookup's positive answer is, so the requests that follow neither probe them
+        nor upload them again."""
+        for key, sizes in groups:
+            self._known.put(key, sizes)
+
     def holds(self, req_id: str) -> bool:
         """At vLLM's ``request_finished``: whether its blocks must stay until the workers
         report its copies done (``get_finished``'s sending). Not while a load runs: vLLM
@@ -438,6 +469,7 @@ class SchedulerSide:
                 tracked.lookup.cancel()
             tracked.lookup, tracked.usable = None, False
             tracked.done = len(tracked.prompt)
+        self._probing.clear()
         for probe in self._probes:
             probe.forget_known()
 
@@ -449,6 +481,22 @@ class SchedulerSide:
             return None
         self._release_loads(req_id, tracked)
         return {"vua_s3": {"hit_tokens": tracked.loaded, "stored_or_queued_tokens": tracked.done}}
+
+
+async def _joined(earlier: Answer, covered: int, rest: Coroutine[Any, Any, list[list[int]]] | None) -> list[list[int]]:
+    """Another request's lookup, whose first ``covered`` groups are this one's too, with
+    ``rest`` probing this one's groups past them meanwhile: one answer, as if probed alone.
+    The earlier lookup is shielded: this one's cancellation leaves it running for its own."""
+    tail = asyncio.ensure_future(rest) if rest is not None else None
+    try:
+        head = [stage[:covered] for stage in await asyncio.shield(asyncio.wrap_future(earlier))]
+        if tail is None or min(map(len, head), default=0) < covered:  # a gap: nothing past it counts
+            return head
+        return [a + b for a, b in zip(head, await tail, strict=True)]
+    finally:
+        if tail is not None and not tail.done():
+            tail.cancel()
+            await asyncio.gather(tail, return_exceptions=True)
 
 
 def _span(digests: list[bytes], start: int, stop: int) -> Span:

@@ -37,6 +37,7 @@ from .paged import PagedLayer, kernel_block_ids
 from .plan import LoadSpec, Plan, SaveSpec
 from .problems import Problems
 from .stats import Recorder
+from .uploads import Settled
 
 log = logging.getLogger(f"vllm.{__name__}")
 
@@ -82,7 +83,8 @@ class WorkerSide:
     Its copier thread runs on ``cpus`` (:mod:`.affinity`). ``counts`` says whether it
     records the counters about requests and groups (one worker per engine does: vLLM sums
     every worker's); each group upload's outcome goes to the scheduler
-    (:meth:`take_settled`), which counts a group stored once every writing rank stored it.
+    (:meth:`take_settled`), which counts a group stored once every writing rank stored it
+    and trusts it stored from then on, as it does a lookup's positive answer.
     """
 
     def __init__(
@@ -146,7 +148,7 @@ class WorkerSide:
         """Per request with saves since it (re)started, its copies not known done."""
         self._held: dict[str, list[concurrent.futures.Future[None]]] = {}
         """Finished requests whose blocks vLLM holds until their copies are done."""
-        self._settled: list[tuple[str, int, bool]] = []
+        self._settled: list[Settled] = []
         self._uploads: set[concurrent.futures.Future[None]] = set()
         self._backlog = 0
         self._store_failures: list[str] = []
@@ -294,12 +296,13 @@ class WorkerSide:
             if copy is not None:
                 copies.append(copy)
 
-    def _settle(self, spec: SaveSpec, groups: range, ok: set[int]) -> None:
+    def _settle(self, spec: SaveSpec, groups: range, stored: dict[int, int]) -> None:
+        """``stored``: group -> its object size, for the groups uploaded."""
         with self._lock:
-            self._settled.extend((spec.req_id, group, group in ok) for group in groups)
+            self._settled.extend(Settled(spec.req_id, group, self._stage, stored.get(group)) for group in groups)
 
-    def take_settled(self) -> list[tuple[str, int, bool]]:
-        """Group uploads that ended since the last call: ``(request, group, stored)``."""
+    def take_settled(self) -> list[Settled]:
+        """Group uploads that ended since the last call."""
         with self._lock:
             settled, self._settled = self._settled, []
         return settled
@@ -315,7 +318,7 @@ class WorkerSide:
         for spec in plan.saves:
             groups = spec.groups
             if len(spec.block_ids) < len(groups) * per_group:  # never upload what was not copied
-                self._settle(spec, groups, set())
+                self._settle(spec, groups, {})
                 self._problems.report(
                     f"upload to {self._where}",
                     ValueError(f"{len(spec.block_ids)} blocks for {len(groups)} groups of request {spec.req_id}"),
@@ -329,7 +332,7 @@ class WorkerSide:
                     self._backlog += size
                 backlog = self._backlog
             if full:
-                self._settle(spec, groups, set())
+                self._settle(spec, groups, {})
                 self._stats.add("dropped_saves")
                 self._problems.report(
                     f"upload to {self._where}",
@@ -348,7 +351,7 @@ class WorkerSide:
             try:
                 future = self._loop.submit(self._upload(spec, captures))
             except RuntimeError as exc:  # the loop is gone (shutting down)
-                self._settle(spec, groups, set())
+                self._settle(spec, groups, {})
                 self._problems.report(f"upload to {self._where}", exc, "the groups are not stored")
                 continue
             with self._lock:
@@ -383,7 +386,7 @@ class WorkerSide:
 
     async def _upload(self, spec: SaveSpec, captures: list[_Capture]) -> None:
         ids = torch.tensor(spec.tokens, dtype=torch.int64)
-        ok: set[int] = set()
+        ok: dict[int, int] = {}
         try:
             await gather_or_cancel(*(self._upload_group(ids, spec, c, ok) for c in captures))
         finally:
@@ -396,15 +399,14 @@ class WorkerSide:
                 backlog = self._backlog
             self._stats.set("backlog_bytes", backlog)
 
-    async def _upload_group(self, ids: torch.Tensor, spec: SaveSpec, capture: _Capture, ok: set[int]) -> None:
+    async def _upload_group(self, ids: torch.Tensor, spec: SaveSpec, capture: _Capture, ok: dict[int, int]) -> None:
         await asyncio.wrap_future(capture.copied)
         kv = capture.buf
         layers = [(kv[i, 0].unsqueeze(0), kv[i, 1].unsqueeze(0)) for i in range(kv.size(0))]
         group = capture.group
-        await self._vua.put_span(
+        (ok[group],) = await self._vua.put_span(
             spec.spans[self._stage], ids, layers, [group], kv_start=group * self._split, heads=self._writes
         )
-        ok.add(group)
         self._stats.add("store_bytes", self._group_bytes + self._split * 8)
         if self._counts:  # once per engine; the bytes are every rank's
             self._stats.add("store_seconds", time.monotonic() - capture.started)
