@@ -73,9 +73,10 @@ class ObjectIO:
     async def _write_head(
         self, encoder: fragment.Encoder, kv_start: int, ids: torch.Tensor, group: Group, heads: HeadRange, head: int
     ) -> int:
-        """One object, whose size it returns: it goes out as views of the caller's tensors. Host memory is encoded
-        on the loop (slicing views and a CRC that releases the GIL: handing each object to a
-        thread costs more in GIL hand-offs); device memory is copied out on a thread."""
+        """One object, whose size it returns: it goes out as views of the caller's tensors.
+        Host memory is encoded on the loop (slicing views and a CRC that releases the GIL:
+        handing each object to a thread costs more in GIL hand-offs); device memory is
+        copied out on a thread."""
         key = group.key(head)
         encode = functools.partial(
             encoder.encode,

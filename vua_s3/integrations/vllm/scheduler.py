@@ -6,9 +6,9 @@ Nothing here waits on the store. A lookup is submitted when the request arrives
 is not. Groups a recent lookup found or this engine stored are trusted for
 ``known_stored_ttl_s`` without asking again (misses never are); requests arriving together
 on one new prefix share one probe of it; a group is loaded by one request at a time (the
-others wait for it and find it in vLLM's prefix cache) and uploaded once. Hits are loaded asynchronously
-(vLLM parks the request until the workers report it). After a store failure the breaker
-sends new requests straight to prefill.
+others wait for it and find it in vLLM's prefix cache) and uploaded once. Hits are loaded
+asynchronously (vLLM parks the request until the workers report it). After a store
+failure the breaker sends new requests straight to prefill.
 """
 
 from __future__ import annotations

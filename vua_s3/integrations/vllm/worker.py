@@ -386,11 +386,11 @@ class WorkerSide:
 
     async def _upload(self, spec: SaveSpec, captures: list[_Capture]) -> None:
         ids = torch.tensor(spec.tokens, dtype=torch.int64)
-        ok: dict[int, int] = {}
+        stored: dict[int, int] = {}
         try:
-            await gather_or_cancel(*(self._upload_group(ids, spec, c, ok) for c in captures))
+            await gather_or_cancel(*(self._upload_group(ids, spec, c, stored) for c in captures))
         finally:
-            self._settle(spec, range(spec.first_group, spec.first_group + len(captures)), ok)
+            self._settle(spec, range(spec.first_group, spec.first_group + len(captures)), stored)
             for capture in captures:
                 if capture.copied.done():
                     self._buffers.give(capture.buf)
@@ -399,12 +399,12 @@ class WorkerSide:
                 backlog = self._backlog
             self._stats.set("backlog_bytes", backlog)
 
-    async def _upload_group(self, ids: torch.Tensor, spec: SaveSpec, capture: _Capture, ok: dict[int, int]) -> None:
+    async def _upload_group(self, ids: torch.Tensor, spec: SaveSpec, capture: _Capture, stored: dict[int, int]) -> None:
         await asyncio.wrap_future(capture.copied)
         kv = capture.buf
         layers = [(kv[i, 0].unsqueeze(0), kv[i, 1].unsqueeze(0)) for i in range(kv.size(0))]
         group = capture.group
-        (ok[group],) = await self._vua.put_span(
+        (stored[group],) = await self._vua.put_span(
             spec.spans[self._stage], ids, layers, [group], kv_start=group * self._split, heads=self._writes
         )
         self._stats.add("store_bytes", self._group_bytes + self._split * 8)
