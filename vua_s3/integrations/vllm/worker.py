@@ -234,9 +234,8 @@ class WorkerSide:
             self._scatter(blocks, kv)
 
     def _scatter(self, blocks: torch.Tensor, kv: torch.Tensor) -> None:
-        for layer, pair in zip(self._layers, kv, strict=True):
-            paged = [t.reshape(layer.heads, -1, layer.block_size, layer.head_size).transpose(0, 1) for t in pair]
-            layer.scatter(blocks, *paged)
+        for layer, (key, value) in zip(self._layers, kv, strict=True):
+            layer.scatter(blocks, key, value)
 
     def finished(self, finished_req_ids: set[str]) -> tuple[set[str], set[str]]:
         """vLLM's ``get_finished``: ``(sending, recving)``. Loads of the requests that just
@@ -380,9 +379,7 @@ class WorkerSide:
 
     def _gather(self, blocks: torch.Tensor, buf: torch.Tensor) -> None:
         for index, layer in enumerate(self._layers):
-            for slot, paged in enumerate(layer.gather(blocks)):
-                tokens = paged.transpose(0, 1).reshape(layer.heads, -1, layer.head_size)
-                buf[index, slot].copy_(tokens, non_blocking=self._cuda)
+            layer.gather_into(blocks, buf[index, 0], buf[index, 1], non_blocking=self._cuda)
 
     async def _upload(self, spec: SaveSpec, captures: list[_Capture]) -> None:
         ids = torch.tensor(spec.tokens, dtype=torch.int64)
