@@ -1,5 +1,4 @@
-"""Keep the connector's threads off the cores vLLM pins its compute to, and behind its
-threads wherever they share a core.
+"""Keep the connector's threads off the cores vLLM pins its compute to.
 
 vLLM's CPU worker binds its threads to cores (``VLLM_CPU_OMP_THREADS_BIND``; ``auto``
 leaves some for everything else), and every thread started afterwards inherits that
@@ -7,18 +6,12 @@ binding: the connector's loop, its copier and the S3 client's event-loop threads
 share the compute core with the forward pass and lengthen every step while they load,
 encode or upload. They go to the cores the process could use before vLLM pinned it
 instead. A worker that is not pinned (GPU) has none to spare, and nothing changes.
-
-Wherever they still share a core (with vLLM's busy-polling engine core, other processes of
-a busy host), they run at a lower priority (Linux ``nice``, per thread): the forward pass
-and the scheduler come first, and a save waits, or is dropped once the backlog is full.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
-import sys
-import threading
 
 
 def spare_cpus() -> frozenset[int]:
@@ -32,13 +25,8 @@ def spare_cpus() -> frozenset[int]:
     return frozenset(allowed - os.sched_getaffinity(0))
 
 
-def run_behind(cpus: frozenset[int], nice: int) -> None:
-    """Bind the calling thread (and the threads it starts later) to ``cpus``, if any, and
-    lower its priority by ``nice`` steps (on Linux, where priority is per thread)."""
+def run_here_on(cpus: frozenset[int]) -> None:
+    """Bind the calling thread (and the threads it starts later) to ``cpus``, if any."""
     if cpus:
         with contextlib.suppress(OSError):  # a CPU set the kernel refuses: stay where we are
             os.sched_setaffinity(0, cpus)
-    if nice and sys.platform == "linux":
-        thread = threading.get_native_id()
-        with contextlib.suppress(OSError):
-            os.setpriority(os.PRIO_PROCESS, thread, os.getpriority(os.PRIO_PROCESS, thread) + nice)

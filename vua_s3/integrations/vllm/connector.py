@@ -44,7 +44,7 @@ from ...manifest import Manifest, write_manifest
 from ...shards import HeadRange, rank_heads, rank_writes
 from ...storage import Store, open_store
 from ...vua import AsyncVUA
-from .affinity import run_behind, spare_cpus
+from .affinity import run_here_on, spare_cpus
 from .breaker import Breaker
 from .identity import check_supported, derive_identity
 from .metrics import VUAS3PromMetrics, VUAS3Stats
@@ -149,7 +149,6 @@ class VUAS3Connector(KVConnectorBase_V1):  # type: ignore[misc]
             self._uploads: Uploads[KVCacheEvent] = Uploads(writers, parallel.pipeline_parallel_size)
             # Opening the store's client (sessions, credentials, first connection) costs a
             # noticeable moment; do it now, not in the first request's lookup.
-            self._loop.submit(_run_behind(frozenset(), self._settings.io_nice))
             self._loop.submit(_warm_up(probes[0]))
             if transfer.is_kv_producer:
                 self._loop.submit(_write_manifests(self._store, stages))
@@ -312,20 +311,20 @@ class VUAS3Connector(KVConnectorBase_V1):  # type: ignore[misc]
         # Called on the compute thread, after vLLM pinned it: the loop (and the client
         # threads it starts from now on) and the copier move to the cores it left free.
         spare = spare_cpus()
-        self._loop.submit(_run_behind(spare, self._settings.io_nice))
+        self._loop.submit(_run_on(spare))
         self._loop.submit(_warm_up(vua))
         self._worker = WorkerSide(
             vua, pp_rank, heads, writes, layers, ratio, self._block_size, self._loop,
             self._stats, self._problems, max_pending_save_bytes=self._settings.max_pending_save_bytes,
-            flush_timeout_s=self._settings.flush_timeout_s, where=self._where, cpus=spare, nice=self._settings.io_nice,
+            flush_timeout_s=self._settings.flush_timeout_s, where=self._where, cpus=spare,
             counts=tp_rank == 0 and pp_rank == 0,
         )  # fmt: skip
         log.info(
             "%s: worker on %s, namespace %s, %d layers of %s %s KV (heads %d-%d of %d, writes %s, x %d), "
-            "%d kernel blocks per block; its threads on CPUs %s, nice +%d",
+            "%d kernel blocks per block; its threads on CPUs %s",
             CONNECTOR_NAME, self._where, stage.namespace, len(layers), first.device, first.dtype,
             heads.start, heads.stop - 1, kv_heads, "none" if writes is None else "them", first.head_size, ratio,
-            sorted(spare) or "unchanged", self._settings.io_nice,
+            sorted(spare) or "unchanged",
         )  # fmt: skip
 
     def _plan(self) -> Plan:
@@ -415,8 +414,8 @@ class VUAS3Connector(KVConnectorBase_V1):  # type: ignore[misc]
         self._loop.stop()
 
 
-async def _run_behind(cpus: frozenset[int], nice: int) -> None:
-    run_behind(cpus, nice)
+async def _run_on(cpus: frozenset[int]) -> None:
+    run_here_on(cpus)
 
 
 async def _warm_up(vua: AsyncVUA) -> None:

@@ -39,10 +39,6 @@ class ConnectorSettings:
     """How long groups a lookup or load found stored are trusted without asking again."""
     known_stored_max: int = 16384
     """The most groups trusted at once (the least recently found are forgotten first)."""
-    io_nice: int = 10
-    """How many ``nice`` steps below the engine's the connector's threads (its loop, the KV
-    capture, the S3 client's) run on Linux, so a busy host runs the forward pass first; 0
-    keeps them level."""
     kv_events_medium: str = "vua_s3"
     """The ``medium`` of the KV events (``BlockStored``) published for groups stored, when
     vLLM's KV events are on: names this tier to routers that place requests by cache contents."""
@@ -66,8 +62,6 @@ class ConnectorSettings:
                      "breaker_max_backoff_s", "known_stored_ttl_s"):  # fmt: skip
             positive_seconds(f"{CONNECTOR_NAME}: {name}", getattr(settings, name))
         optional_seconds(f"{CONNECTOR_NAME}: refresh_after", settings.refresh_after)
-        if type(settings.io_nice) is not int or not 0 <= settings.io_nice <= 19:
-            raise ValueError(f"{CONNECTOR_NAME}: io_nice must be an integer from 0 to 19, got {settings.io_nice!r}")
         if not isinstance(settings.kv_events_medium, str) or not settings.kv_events_medium:
             raise ValueError(f"{CONNECTOR_NAME}: kv_events_medium must be a non-empty string")
         if settings.load_failure_policy not in ("recompute", "fail"):

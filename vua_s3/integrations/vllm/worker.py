@@ -32,7 +32,7 @@ import torch
 from ...loop import BackgroundLoop, gather_or_cancel
 from ...shards import HeadRange
 from ...vua import AsyncVUA
-from .affinity import run_behind
+from .affinity import run_here_on
 from .paged import PagedLayer, kernel_block_ids
 from .plan import LoadSpec, Plan, SaveSpec
 from .problems import Problems
@@ -80,7 +80,7 @@ class WorkerSide:
     It reads the objects of the KV heads it holds (``heads``) and writes ``writes``:
     the same heads, or ``None`` on a rank whose replicated head a lower rank writes
     (:func:`vua_s3.shards.rank_writes`), which then captures and uploads nothing.
-    Its copier thread runs on ``cpus``, ``nice`` steps behind the engine (:mod:`.affinity`). ``counts`` says whether it
+    Its copier thread runs on ``cpus`` (:mod:`.affinity`). ``counts`` says whether it
     records the counters about requests and groups (one worker per engine does: vLLM sums
     every worker's); each group upload's outcome goes to the scheduler
     (:meth:`take_settled`), which counts a group stored once every writing rank stored it
@@ -104,7 +104,6 @@ class WorkerSide:
         flush_timeout_s: float,
         where: str,
         cpus: frozenset[int] = frozenset(),
-        nice: int = 0,
         counts: bool = True,
     ) -> None:
         self._vua = vua
@@ -134,7 +133,7 @@ class WorkerSide:
         keep = max(1, min(64, max_pending_save_bytes // self._group_bytes))
         self._buffers = _HostBuffers(shape, first.dtype, self._cuda, keep)
         self._copier = concurrent.futures.ThreadPoolExecutor(
-            1, thread_name_prefix="vua-s3-capture", initializer=run_behind, initargs=(cpus, nice)
+            1, thread_name_prefix="vua-s3-capture", initializer=run_here_on, initargs=(cpus,)
         )
         # untested: no GPU here
         self._side = torch.cuda.Stream(self._device) if self._cuda else None  # type: ignore[no-untyped-call]
