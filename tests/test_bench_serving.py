@@ -92,8 +92,8 @@ def test_cpu_hogs_spin_while_the_block_runs_and_stop_after() -> None:
 
 def test_summary_and_slowest_requests() -> None:
     def run(ttft: float, loads: float | None) -> dict[str, object]:
-        store = dict.fromkeys(("lookups", "lookup_seconds", "hit_tokens", "loaded_tokens", "load_bytes",
-                               "store_bytes", "prompt_local_compute", "prompt_local_cache_hit",
+        store = dict.fromkeys(("lookups", "lookup_seconds", "lookup_wait_seconds", "hit_tokens", "loaded_tokens",
+                               "load_bytes", "store_bytes", "prompt_local_compute", "prompt_local_cache_hit",
                                "prompt_external_kv_transfer"), 1.0)  # fmt: skip
         group = None if loads is None else {"groups": 2, "mean": loads, "max": loads}
         t = {"per_prompt": {"GET": 1.0, "PUT": 0.0, "LIST": 2.0, "HEAD": 0.0}, "fragment_gets": 2,

@@ -5,9 +5,12 @@ fields the scheduler side reads."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import pickle
+import threading
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -22,6 +25,7 @@ from vua_s3.integrations.vllm.scheduler import SchedulerSide
 from vua_s3.integrations.vllm.settings import ConnectorSettings
 from vua_s3.integrations.vllm.stats import Recorder
 from vua_s3.loop import BackgroundLoop
+from vua_s3.storage.base import ObjectInfo
 from vua_s3.storage.posix import PosixStore
 from vua_s3.testing.counting import CountingStore
 from vua_s3.vua import AsyncVUA
@@ -48,15 +52,33 @@ def request(req_id: str, *, media: list[Any] | None = None, embeds: Any = None, 
     )
 
 
+class HeldStore(CountingStore):
+    """Probes wait until ``released`` is set: a store that is slow, or hung."""
+
+    def __init__(self, inner: PosixStore) -> None:
+        super().__init__(inner)
+        self.released = threading.Event()
+
+    async def head_many(self, keys: Sequence[str]) -> list[ObjectInfo | None]:
+        await asyncio.to_thread(self.released.wait)
+        return await super().head_many(keys)
+
+    async def head_siblings(self, sets: Sequence[Sequence[str]]) -> list[list[ObjectInfo | None]]:
+        await asyncio.to_thread(self.released.wait)
+        return await super().head_siblings(sets)
+
+
 class Scheduler:
     """A SchedulerSide on a POSIX store (its probes counted), with what it recorded."""
 
-    def __init__(self, root: Path, *, save: bool = False, share_loads: bool = True, **extra: Any) -> None:
+    def __init__(
+        self, root: Path, *, save: bool = False, share_loads: bool = True, held: bool = False, **extra: Any
+    ) -> None:
         self.settings = ConnectorSettings(url=str(root), split_factor=SPLIT, **extra)
         self.loop = BackgroundLoop()
         self.stats = Recorder()
         breaker = Breaker(logging.getLogger("test"), "store", "test", 10.0, 300.0, self.stats)
-        self.store = CountingStore(PosixStore(root))
+        self.store = (HeldStore if held else CountingStore)(PosixStore(root))
         self.probe = AsyncVUA(VUAConfig(split_factor=SPLIT, namespace=NAMESPACE), self.store)
         self.side = SchedulerSide(
             self.settings, [self.probe], self.loop, breaker, self.stats, BLOCK,
@@ -346,6 +368,46 @@ def test_trust_settings_are_checked() -> None:
                 {"known_stored_max": 1.5}):  # fmt: skip
         with pytest.raises(ValueError, match=next(iter(bad))):
             ConnectorSettings.from_extra_config({"url": "s3://b/p", **bad})
+
+
+def test_a_lookup_answered_in_the_window_joins_the_step_being_scheduled(tmp_path: Path) -> None:
+    """vLLM schedules right after a request arrives: a lookup answered within ``lookup_wait_s``
+    of the arrival is taken in that first ask, not one step later."""
+    store_prompt(tmp_path, None)
+    scheduler = Scheduler(tmp_path, lookup_wait_s=4.0)  # wider than any local lookup takes
+    try:
+        req = request("r1")
+        scheduler.side.arrived(req)
+        assert scheduler.side.matched(req, 0) == (32, True)
+    finally:
+        scheduler.close()
+
+
+def test_a_hung_store_holds_the_scheduler_once_per_request(tmp_path: Path) -> None:
+    wait = 0.5
+    scheduler = Scheduler(tmp_path, held=True, lookup_wait_s=wait)
+    try:
+        req = request("r1")
+        scheduler.side.arrived(req)
+        assert scheduler.side.matched(req, 0) == (None, False)  # waited for the window, then went on
+        assert scheduler.stats.take()["lookup_wait_seconds"] > 0
+        time.sleep(wait)  # past the window, whatever the first wait took
+        for _ in range(3):  # the next steps: asked again, never waited for
+            assert scheduler.side.matched(req, 0) == (None, False)
+        assert "lookup_wait_seconds" not in scheduler.stats.take()
+        scheduler.store.released.set()
+        assert scheduler.matched(req) == (0, False)  # the late answer: a miss, the request prefills
+    finally:
+        scheduler.store.released.set()
+        scheduler.close()
+
+
+def test_lookup_wait_is_checked() -> None:
+    assert ConnectorSettings.from_extra_config({"url": "s3://b/p"}).lookup_wait_s == 0.02
+    assert ConnectorSettings.from_extra_config({"url": "s3://b/p", "lookup_wait_s": 0}).lookup_wait_s == 0
+    for bad in (-0.1, 5, True, "0.02", float("nan")):
+        with pytest.raises(ValueError, match="lookup_wait_s"):
+            ConnectorSettings.from_extra_config({"url": "s3://b/p", "lookup_wait_s": bad})
 
 
 def test_a_reset_reuses_nothing_stored_before(tmp_path: Path, scheduler: Scheduler) -> None:

@@ -25,7 +25,9 @@ _SETTLE_TIMEOUT = 60.0
 _OPENING = 64
 DEFAULT_VLLM_VENV = Path(os.environ.get("VUA_VLLM_VENV", "~/.cache/vua_s3/vllm-venv")).expanduser()
 #: The connector's counters a run reports, as named in ``/metrics`` (``vllm:vua_s3_<name>``).
-STORE_FIGURES = ("lookups", "lookup_seconds", "hit_tokens", "loaded_tokens", "load_bytes", "store_bytes")
+STORE_FIGURES = (
+    "lookups", "lookup_seconds", "lookup_wait_seconds", "hit_tokens", "loaded_tokens", "load_bytes", "store_bytes",
+)  # fmt: skip
 #: vLLM's own counts of prompt tokens: computed, found in its prefix cache, loaded by a connector.
 PROMPT_FIGURES = ("prompt_local_compute", "prompt_local_cache_hit", "prompt_external_kv_transfer")
 Session = list[list[int]]

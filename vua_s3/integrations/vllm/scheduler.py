@@ -1,14 +1,17 @@
 """The connector's scheduler side: lookups in the background, loads and saves planned.
 
-Nothing here waits on the store. A lookup is submitted when the request arrives
-(:meth:`SchedulerSide.arrived`), so it is usually answered by the time vLLM first asks;
-:meth:`SchedulerSide.matched` answers ``None`` (vLLM asks again next step) only while it
-is not. Groups a recent lookup found or this engine stored are trusted for
-``known_stored_ttl_s`` without asking again (misses never are); requests arriving together
-on one new prefix share one probe of it; a group is loaded by one request at a time (the
-others wait for it and find it in vLLM's prefix cache) and uploaded once. Hits are loaded
-asynchronously (vLLM parks the request until the workers report it). After a store
-failure the breaker sends new requests straight to prefill.
+Nothing here waits on the store for longer than ``lookup_wait_s`` per arriving request.
+A lookup is submitted when the request arrives (:meth:`SchedulerSide.arrived`); vLLM
+schedules right after, so :meth:`SchedulerSide.matched` waits for the answer until the
+lookup is ``lookup_wait_s`` old (requests arriving together share that window), and only
+then answers ``None`` (vLLM asks again next step; the request misses one step).
+
+Groups a recent lookup found or this engine stored are trusted for ``known_stored_ttl_s``
+without asking again (misses never are); requests arriving together on one new prefix
+share one probe of it; a group is loaded by one request at a time (the others wait for it
+and find it in vLLM's prefix cache) and uploaded once. Hits are loaded asynchronously
+(vLLM parks the request until the workers report it). After a store failure the breaker
+sends new requests straight to prefill.
 """
 
 from __future__ import annotations
@@ -59,6 +62,8 @@ class _Tracked:
     lookup_from: int = 0
     """First group the lookup probed (those before were trusted or are being saved here)."""
     lookup_started: float = 0.0
+    lookup_answered: float = 0.0
+    """When the lookup's answer came (set on the loop thread)."""
     stored: int | None = None
     """Leading prompt tokens the store holds (or this engine holds), once the lookup answered."""
     sizes: dict[int, tuple[int, ...]] = field(default_factory=dict)
@@ -158,6 +163,8 @@ class SchedulerSide:
             self._start(tracked, local_groups, include_saving=False)
         if tracked.lookup is not None:
             if not tracked.lookup.done():
+                self._wait_briefly(tracked.lookup, tracked.lookup_started)
+            if not tracked.lookup.done():
                 return None, False
             self._collect(tracked)
         assert tracked.stored is not None
@@ -170,6 +177,18 @@ class SchedulerSide:
         if self._share_loads and self._loaded_elsewhere(request.request_id, tracked, local_groups):
             return None, False  # it lands in vLLM's prefix cache, or this request loads it then
         return tracked.stored - num_computed_tokens, True
+
+    def _wait_briefly(self, lookup: Answer, started: float) -> None:
+        """Wait for ``lookup`` until it is ``lookup_wait_s`` old: answered by then, its
+        request joins the step vLLM is scheduling instead of the one after (which, behind
+        a long prefill, is a long time); a slow or hung store costs each new request this
+        much once, then the request waits for later steps without holding any up."""
+        left = started + self._settings.lookup_wait_s - time.monotonic()
+        if left <= 0:
+            return
+        waited = time.monotonic()
+        concurrent.futures.wait([lookup], timeout=left)
+        self._stats.add("lookup_wait_seconds", time.monotonic() - waited)
 
     def _wants_lookup(self, request: Request, tracked: _Tracked, local_groups: int) -> bool:
         """Whether the store could add to the local prefix cache (breaker permitting)."""
@@ -242,6 +261,7 @@ class SchedulerSide:
             tracked.lookup = self._loop.submit(_joined(answer, shared - start, rest))
         else:
             tracked.lookup = self._loop.submit(probe(start))
+        tracked.lookup.add_done_callback(lambda _: setattr(tracked, "lookup_answered", time.monotonic()))
         if earlier is None or earlier[0].done() or earlier[1] < limit:
             self._probing.put(keys[start], (tracked.lookup, limit, keys))
         self._stats.add("lookups")  # lookup_heads: the probes count the requests they send
@@ -249,7 +269,7 @@ class SchedulerSide:
     def _collect(self, tracked: _Tracked) -> None:
         future, tracked.lookup = tracked.lookup, None
         assert future is not None
-        self._stats.add("lookup_seconds", time.monotonic() - tracked.lookup_started)
+        self._stats.add("lookup_seconds", max(0.0, tracked.lookup_answered - tracked.lookup_started))
         try:
             sizes = future.result()
         except Exception as exc:

@@ -29,6 +29,9 @@ class ConnectorSettings:
     max_pending_save_bytes: int = 1 << 30
     flush_timeout_s: float = 60.0
     lookup_timeout_s: float = 5.0
+    lookup_wait_s: float = 0.02
+    """How long the scheduler waits for a new request's lookup, counted from its arrival,
+    before scheduling without it (the request then misses one step); 0 never waits."""
     load_timeout_s: float = 30.0
     breaker_backoff_s: float = 10.0
     breaker_max_backoff_s: float = 300.0
@@ -62,6 +65,9 @@ class ConnectorSettings:
                      "breaker_max_backoff_s", "known_stored_ttl_s"):  # fmt: skip
             positive_seconds(f"{CONNECTOR_NAME}: {name}", getattr(settings, name))
         optional_seconds(f"{CONNECTOR_NAME}: refresh_after", settings.refresh_after)
+        wait = settings.lookup_wait_s
+        if type(wait) not in (int, float) or not 0 <= wait < settings.lookup_timeout_s:
+            raise ValueError(f"{CONNECTOR_NAME}: lookup_wait_s must be from 0 to lookup_timeout_s, got {wait!r}")
         if not isinstance(settings.kv_events_medium, str) or not settings.kv_events_medium:
             raise ValueError(f"{CONNECTOR_NAME}: kv_events_medium must be a non-empty string")
         if settings.load_failure_policy not in ("recompute", "fail"):

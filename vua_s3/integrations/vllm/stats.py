@@ -15,6 +15,7 @@ import threading
 METRICS: dict[str, tuple[str, str]] = {
     "lookups": ("counter", "Prompts looked up in the store"),
     "lookup_seconds": ("counter", "Time from a lookup's submission to its answer, summed"),
+    "lookup_wait_seconds": ("counter", "Time the scheduler waited for lookups (at most lookup_wait_s each), summed"),
     "lookup_heads": ("counter", "Groups lookups asked the store about (one LIST or HEAD each on S3)"),
     "lookup_failures": ("counter", "Lookups that failed (the request was prefilled as a miss)"),
     "lookups_skipped": ("counter", "Requests that skipped the store while the breaker was open"),
