@@ -4,6 +4,7 @@ VUA requests to moto), the order servers and scenarios run in, the CPU hogs, the
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -11,7 +12,7 @@ from conftest import random_kvcache, unique_prefix
 
 from vua_s3 import VUA, VUAConfig
 from vua_s3.bench.cpu_hog import cpu_hogs
-from vua_s3.bench.serving_bench import SCENARIOS, server_order
+from vua_s3.bench.serving_bench import SCENARIOS, ServeBenchOptions, run_serve_bench, server_order
 from vua_s3.bench.serving_report import slowest, summarize
 from vua_s3.bench.serving_traffic import traffic
 from vua_s3.bench.serving_workloads import PromptShape, hot, regular, same_prefix
@@ -64,6 +65,13 @@ def test_servers_run_in_turn_and_reading_scenarios_get_their_prompts_stored() ->
         server_order(("warm", "cold"))
 
 
+def test_the_slow_scenario_needs_an_s3_store(tmp_path: Path) -> None:
+    options = ServeBenchOptions(store="posix", scenarios=("none", "slow"), work_dir=tmp_path)
+    with pytest.raises(ValueError, match=r"slow scenario .* --store seaweed or moto"):
+        run_serve_bench(options)
+    assert not any(tmp_path.iterdir())  # refused before anything started
+
+
 def test_workloads_share_what_they_say_and_nothing_across_repeats() -> None:
     shape = PromptShape(docs=2, doc_tokens=64, questions=3, question_tokens=8, concurrency=4, split_factor=32)
     (sessions,) = regular(shape, 0)
@@ -99,11 +107,13 @@ def test_summary_and_slowest_requests() -> None:
         t = {"per_prompt": {"GET": 1.0, "PUT": 0.0, "LIST": 2.0, "HEAD": 0.0}, "fragment_gets": 2,
              "fragment_puts": 0, "errors": 0, "loads_per_group": group, "uploads_per_group": None}  # fmt: skip
         return {"ttft_p50": ttft, "ttft_p90": ttft, "ttft_max": ttft, "tok_s": 1.0, "req_s": 1.0,
-                "server_cpu_s": 1.0, "cpu_s_per_gib": None, "store": store, "traffic": t}  # fmt: skip
+                "server_cpu_s": 1.0, "cpu_s_per_gib": None, "store_side_cpu_s": 0.5, "store": store,
+                "traffic": t}  # fmt: skip
 
     summary = summarize([run(0.1, 1.0), run(0.3, 2.0), run(0.2, 1.0)])
     assert summary["ttft_p50"] == {"median": 0.2, "min": 0.1, "max": 0.3, "samples": [0.1, 0.3, 0.2]}
     assert summary["loads_per_group"]["median"] == 1.0 and summary["list_per_prompt"]["max"] == 2.0
+    assert summary["store_side_cpu_s"]["median"] == 0.5
     assert "cpu_s_per_gib" not in summary and "uploads_per_group" not in summary  # not every run has them
     assert "loads_per_group" not in summarize([run(0.1, 1.0), run(0.1, None)])
     runs = [[{"ttft_s": 0.5}, {"ttft_s": 0.1}], [{"ttft_s": 0.9}]]

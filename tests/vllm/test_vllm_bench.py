@@ -22,14 +22,14 @@ SOURCES = ("prompt_local_compute", "prompt_local_cache_hit", "prompt_external_kv
 # one document of 256 tokens (2 groups of 128) asked 2 questions of 16 tokens, 2 clients at once
 PROMPT = 256 + 16
 HOT = 256 + 128 + 16  # the system prompt, a group of its own, a question
+TINY = ["--docs", "1", "--questions", "2", "--doc-tokens", "256", "--question-tokens", "16", "--max-tokens", "4",
+        "--concurrency", "2", "--layers", "1", "--hidden", "128", "--split-factor", "128",
+        "--repeats", "1"]  # fmt: skip
 
 
 def test_bench_vllm_reports_every_scenario(vllm_python: Path, tmp_path: Path) -> None:
-    tiny = ["--docs", "1", "--questions", "2", "--doc-tokens", "256", "--question-tokens", "16",
-            "--max-tokens", "4", "--concurrency", "2", "--layers", "1", "--hidden", "128", "--split-factor", "128",
-            "--repeats", "1"]  # fmt: skip
     per_request = tmp_path / "requests.json"
-    command = [sys.executable, "-m", "vua_s3.cli", "bench-vllm", *tiny, "--vllm-venv", str(vllm_python.parents[1]),
+    command = [sys.executable, "-m", "vua_s3.cli", "bench-vllm", *TINY, "--vllm-venv", str(vllm_python.parents[1]),
                "--work-dir", str(tmp_path), "--per-request", str(per_request), "--json"]  # fmt: skip
     env = os.environ | {"PYTHONPATH": str(REPO)}
     proc = subprocess.run(command, capture_output=True, text=True, timeout=900, env=env, check=False)
@@ -57,7 +57,10 @@ def test_bench_vllm_reports_every_scenario(vllm_python: Path, tmp_path: Path) ->
             assert scenario["summary"][figure]["median"] == run[figure]
         if name == "none":
             assert store["lookups"] == 0 and run["cpu_s_per_gib"] is None and "traffic" not in run, run
+            assert run["store_side_cpu_s"] is None, run
             continue
+        if report["store"] == "seaweed":  # the server's and the proxy's CPU, counted apart from vLLM's
+            assert run["store_side_cpu_s"] > 0, (name, run)
         _check_connector_run(name, run, group)
     # every store request of the slow scenario went through the proxy's 20 ms
     slow = report["scenarios"]["warm+20ms"]["runs"][0]["store"]
@@ -65,6 +68,29 @@ def test_bench_vllm_reports_every_scenario(vllm_python: Path, tmp_path: Path) ->
     assert json.loads(per_request.read_text())["per_request"] == report["per_request"]
     printed = format_serve_report(report)
     assert all(f"| {name} |" in printed for name in names) and "slowest requests" in printed
+
+
+def test_bench_vllm_on_a_posix_store(vllm_python: Path, tmp_path: Path) -> None:
+    """A directory for a store: the warm server loads what the filling one wrote, with no proxy
+    in between (so no request counts and no store-side CPU)."""
+    command = [sys.executable, "-m", "vua_s3.cli", "bench-vllm", *TINY, "--scenarios", "none,empty,warm",
+               "--store", "posix", "--vllm-venv", str(vllm_python.parents[1]), "--work-dir", str(tmp_path),
+               "--json"]  # fmt: skip
+    env = os.environ | {"PYTHONPATH": str(REPO)}
+    proc = subprocess.run(command, capture_output=True, text=True, timeout=900, env=env, check=False)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    report = json.loads(proc.stdout)
+    assert report["store"] == "posix" and list(report["scenarios"]) == ["none", "empty", "warm"]
+    group = 128 * 1 * 2 * 1 * 64 * 4
+    (empty,) = report["scenarios"]["empty"]["runs"]
+    (warm,) = report["scenarios"]["warm"]["runs"]
+    assert empty["store"]["store_bytes"] >= 2 * group and empty["store"]["hit_tokens"] == 0, empty
+    assert warm["store"]["hit_tokens"] >= 256 and warm["store"]["prompt_external_kv_transfer"] >= 256, warm
+    assert warm["store"]["load_bytes"] >= 2 * group and warm["store"]["store_bytes"] == 0, warm
+    for run in (empty, warm):
+        assert "traffic" not in run and run["store_side_cpu_s"] is None, run
+    assert len(list((tmp_path / "store").rglob("*.safetensors"))) >= 2  # a group's heads: one file each
+    assert "posix (files in the work dir" in format_serve_report(report)
 
 
 def _check_connector_run(name: str, run: dict[str, Any], group: int) -> None:

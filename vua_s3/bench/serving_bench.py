@@ -16,11 +16,13 @@ streaming ``/v1/completions`` clients. Scenarios, each ``repeats`` runs on new p
 
 The servers run in turn: ``none``, the filling one (``empty``, ``same-prefix``), the reading
 one (``warm``, ``same-prefix-warm``, ``hot``), the slow one. A reading scenario whose prompts
-no chosen scenario stores has them stored first, unmeasured, by the filling server. Every
+no chosen scenario stores has them stored first, unmeasured, by the filling server. On S3 every
 connector server reaches the store through a proxy on 127.0.0.1 that counts what the store is
-asked (the slow one's also holds each request). Per run: TTFT percentiles, output tokens/s,
-requests/s, the connector's counters (``/metrics``), the store's requests, the server's CPU
-seconds, the load average before and after, and every request's TTFT.
+asked (the slow one's also holds each request); on ``posix`` (a directory in the work dir)
+nothing stands between. Per run: TTFT percentiles, output tokens/s, requests/s, the connector's
+counters (``/metrics``), the store's requests, the server's CPU seconds, the store side's CPU
+seconds (S3 server and proxy: another machine's in a deployment, this one's here), the load
+average before and after, and every request's TTFT.
 """
 
 from __future__ import annotations
@@ -42,7 +44,7 @@ from ..testing.seaweed import SeaweedS3, seaweed_available
 from .cpu_hog import cpu_hogs
 from .random_llama import write_model
 from .report import describe_machine
-from .serving import DEFAULT_VLLM_VENV, Server, Workload, serve, vllm_python
+from .serving import DEFAULT_VLLM_VENV, Server, Workload, process_tree_cpu, serve, vllm_python
 from .serving_report import summarize
 from .serving_traffic import traffic
 from .serving_workloads import PromptShape, hot, regular, same_prefix
@@ -91,7 +93,7 @@ class ServeBenchOptions:
     cpu_hog: int = 0
     """Busy-loop processes running beside the bench (a loaded machine)."""
     store: str = "auto"
-    """``seaweed``, ``moto``, or ``auto`` (SeaweedFS when installed)."""
+    """``seaweed``, ``moto``, ``posix``, or ``auto`` (SeaweedFS when installed)."""
     vllm_venv: Path = DEFAULT_VLLM_VENV
     work_dir: Path | None = None
     """Where the checkpoint and the server logs go (default: a new temporary directory)."""
@@ -139,36 +141,29 @@ def server_order(chosen: tuple[str, ...]) -> list[tuple[str, list[str], list[str
 
 def run_serve_bench(options: ServeBenchOptions) -> dict[str, Any]:
     """Every chosen scenario, ``options.repeats`` runs each; the report (all figures, JSON-able)."""
-    python = vllm_python(options.vllm_venv)
     order = server_order(options.scenarios)
-    shape = options.shape()
     store_kind = options.store if options.store != "auto" else ("seaweed" if seaweed_available() else "moto")
+    if store_kind == "posix" and "slow" in options.scenarios:
+        raise ValueError("the slow scenario holds S3 requests in a proxy: run it with --store seaweed or moto")
+    python = vllm_python(options.vllm_venv)
+    shape = options.shape()
     work = options.work_dir or Path(tempfile.mkdtemp(prefix="vua-bench-vllm-"))
     model = work / "model"
     write_model(model, options.layers, options.hidden)
     runs: dict[str, list[dict[str, Any]]] = {}
     load_start = list(os.getloadavg())
-    with (
-        cpu_hogs(options.cpu_hog),
-        _store(store_kind) as s3,
-        FaultProxy(s3.port) as counted,
-        FaultProxy(s3.port) as slow,
-    ):
-        slow.faults.append(Fault("delay", delay=options.latency_ms / 1000))
-        prefix = f"bench-{uuid.uuid4().hex[:8]}"
-        direct = s3.url(prefix)
-        proxies = {"fill": counted, "read": counted, "slow": slow}
+    with cpu_hogs(options.cpu_hog), _routes(store_kind, work, options.latency_ms) as routes:
         for server, measured, stored in order:
-            proxy = proxies.get(server)
-            url = None if proxy is None else direct.replace(s3.endpoint_url, proxy.endpoint_url)
+            route = routes.get(server)
+            url = None if route is None else route.url
             with serve(python, model, url, work / f"{server}.log", split_factor=options.split_factor) as running:
                 for name in measured:
                     kind = _PLAN[name].workload
-                    runs[name] = [_run(running, proxy, _workload(kind, shape, r), str(model), options)
+                    runs[name] = [_run(running, route, _workload(kind, shape, r), str(model), options)
                                   for r in range(options.repeats)]  # fmt: skip
                 for kind in stored:
                     for r in range(options.repeats):
-                        _run(running, proxy, _workload(kind, shape, r), str(model), options)
+                        _run(running, route, _workload(kind, shape, r), str(model), options)
     scenarios, per_request = {}, {}
     for name in SCENARIOS:
         if name in runs:
@@ -187,20 +182,56 @@ def run_serve_bench(options: ServeBenchOptions) -> dict[str, Any]:
     }
 
 
-def _run(
-    server: Server, proxy: FaultProxy | None, workload: Workload, model: str, o: ServeBenchOptions
-) -> dict[str, Any]:
-    """One measured run, with the store's requests during it (none without a connector)."""
+@dataclass(frozen=True)
+class _Route:
+    """How a connector server reaches the store: its URL, the proxy counting its requests, and
+    the S3 server's pid (None where its CPU cannot be told apart: moto runs in this process)."""
+
+    url: str
+    proxy: FaultProxy | None = None
+    server_pid: int | None = None
+
+    def store_side_cpu(self) -> float | None:
+        """CPU seconds so far of what serves the store here (the proxy and the S3 server)."""
+        if self.proxy is None or self.server_pid is None:
+            return None
+        return self.proxy.cpu_seconds() + process_tree_cpu(self.server_pid)
+
+
+def _run(server: Server, route: _Route | None, workload: Workload, model: str, o: ServeBenchOptions) -> dict[str, Any]:
+    """One measured run, with the store's requests during it (none without a connector) and
+    the CPU the store side spent on them."""
+    proxy = route.proxy if route is not None else None
     first = len(proxy.requests) if proxy is not None else 0
+    cpu_before = route.store_side_cpu() if route is not None else None
     run = server.run(workload, model, o.concurrency, o.max_tokens)
+    cpu_after = route.store_side_cpu() if route is not None else None
+    run["store_side_cpu_s"] = None if cpu_before is None or cpu_after is None else cpu_after - cpu_before
     if proxy is not None:
         run["traffic"] = traffic(proxy.requests[first:], run["requests"])
     return run
 
 
 @contextlib.contextmanager
-def _store(kind: str) -> Iterator[EmbeddedS3]:
+def _routes(kind: str, work: Path, latency_ms: float) -> Iterator[dict[str, _Route]]:
+    """Per connector server, how it reaches a new prefix of the store: on S3 through a counting
+    proxy (the slow server's holds every request ``latency_ms``), on posix straight to files."""
+    prefix = f"bench-{uuid.uuid4().hex[:8]}"
+    if kind == "posix":
+        url = (work / "store" / prefix).resolve().as_uri()
+        yield {"fill": _Route(url), "read": _Route(url)}
+        return
     if kind not in ("seaweed", "moto"):
-        raise ValueError(f"unknown store {kind!r}: seaweed, moto or auto")
-    with SeaweedS3() if kind == "seaweed" else EmbeddedS3() as s3:
-        yield s3
+        raise ValueError(f"unknown store {kind!r}: seaweed, moto, posix or auto")
+    with (
+        SeaweedS3() if kind == "seaweed" else EmbeddedS3() as s3,
+        FaultProxy(s3.port) as counted,
+        FaultProxy(s3.port) as slow,
+    ):
+        slow.faults.append(Fault("delay", delay=latency_ms / 1000))
+        direct = s3.url(prefix)
+        pid = s3.pid if isinstance(s3, SeaweedS3) else None
+        yield {
+            name: _Route(direct.replace(s3.endpoint_url, proxy.endpoint_url), proxy, pid)
+            for name, proxy in (("fill", counted), ("read", counted), ("slow", slow))
+        }

@@ -10,10 +10,11 @@ from typing import Any
 from .report import Stat
 from .serving import PROMPT_FIGURES, STORE_FIGURES
 
-_RUN_FIGURES = ("ttft_p50", "ttft_p90", "ttft_max", "tok_s", "req_s", "server_cpu_s", "cpu_s_per_gib")
+_RUN_FIGURES = ("ttft_p50", "ttft_p90", "ttft_max", "tok_s", "req_s", "server_cpu_s", "cpu_s_per_gib",
+                "store_side_cpu_s")  # fmt: skip
 _SLOWEST = 3
 _SERVING_HEAD = ["TTFT p50 (s)", "TTFT p90 (s)", "output tok/s", "req/s", "server CPU s", "CPU s/GiB moved",
-                 "load avg (1 min)"]  # fmt: skip
+                 "store-side CPU s", "load avg (1 min)"]  # fmt: skip
 _STORE_HEAD = ["prompt tokens computed / prefix-cache hit / loaded", "lookups", "hit tokens", "loaded MiB",
                "stored MiB", "LIST/prompt", "HEAD/prompt", "object GETs", "object PUTs", "loads/group",
                "uploads/group"]  # fmt: skip
@@ -77,6 +78,12 @@ def slowest(per_request: list[list[dict[str, Any]]], count: int = _SLOWEST) -> l
     return sorted(every, key=lambda r: r["ttft_s"], reverse=True)[:count]
 
 
+def _where(store: str) -> str:
+    if store == "posix":
+        return "posix (files in the work dir, no proxy: no store-side CPU, no request counts)"
+    return f"{store} on 127.0.0.1 behind a counting proxy (store-side CPU: the server's and the proxy's)"
+
+
 def format_serve_report(report: dict[str, Any]) -> str:
     """The report as Markdown: medians over the runs, min-max beside them where they differ."""
     o = report["options"]
@@ -89,7 +96,7 @@ def format_serve_report(report: dict[str, Any]) -> str:
         f"vllm serve, random Llama ({o['layers']} layers, hidden {o['hidden']}, float32, CPU); {o['workload']}: "
         f"{o['docs']} documents x {o['questions']} {unit}, {o['doc_tokens']}+{o['question_tokens']} prompt tokens, "
         f"{o['max_tokens']} output tokens, {o['concurrency']} concurrent clients; split_factor {o['split_factor']}; "
-        f"store: {report['store']} on 127.0.0.1 behind a counting proxy; {o['cpu_hog']} CPU hog(s); "
+        f"store: {_where(report['store'])}; {o['cpu_hog']} CPU hog(s); "
         f"{o['repeats']} runs per scenario, median (min-max)",
         f"machine: {report['machine']}; {report['date']}; load average {loads[0]} at the start, {loads[1]} at the end",
         "",
@@ -98,7 +105,7 @@ def format_serve_report(report: dict[str, Any]) -> str:
     def serving(scenario: dict[str, Any]) -> list[str]:
         s = scenario["summary"]
         figures = (("ttft_p50", ".3f"), ("ttft_p90", ".3f"), ("tok_s", ".0f"), ("req_s", ".2f"),
-                   ("server_cpu_s", ".1f"), ("cpu_s_per_gib", ".0f"))  # fmt: skip
+                   ("server_cpu_s", ".1f"), ("cpu_s_per_gib", ".0f"), ("store_side_cpu_s", ".1f"))  # fmt: skip
         return [_cell(s, f, fmt) for f, fmt in figures] + [_loads(scenario)]
 
     def store(scenario: dict[str, Any]) -> list[str]:

@@ -44,9 +44,9 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--per-request", type=Path, help="write every request's TTFT (JSON) to this file")
     p.add_argument(
         "--store",
-        choices=["auto", "seaweed", "moto"],
+        choices=["auto", "seaweed", "moto", "posix"],
         default="auto",
-        help="S3 server on 127.0.0.1: SeaweedFS if installed (auto), else moto",
+        help="S3 server on 127.0.0.1: SeaweedFS if installed (auto), else moto; or posix: files in the work dir",
     )
     p.add_argument(
         "--vllm-venv",

@@ -27,6 +27,7 @@ import socket
 import ssl
 import struct
 import threading
+import time
 from collections.abc import Coroutine
 from dataclasses import dataclass, field
 from typing import Any
@@ -122,6 +123,12 @@ class FaultProxy:
     @property
     def endpoint_url(self) -> str:
         return f"{'https' if self._tls else 'http'}://127.0.0.1:{self.port}"
+
+    def cpu_seconds(self) -> float:
+        """CPU time the proxy's thread has used (a bench charges it to the store side)."""
+        if self._thread.ident is None:
+            return 0.0
+        return time.clock_gettime(time.pthread_getcpuclockid(self._thread.ident))
 
     def start(self) -> FaultProxy:
         self._thread.start()
